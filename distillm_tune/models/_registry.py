@@ -48,9 +48,13 @@ class ModelFamily:
     # load_tokenizer(checkpoint_dir, max_seq_len) -> tokenizer with encode/decode/bos_id/eos_id/pad_id
     # whose ids equal the HF tokenizer's (None if not provided yet).
     load_tokenizer: Optional[Callable[..., Any]] = None
-    # Maps a torchtune LoRA module path (without ".lora_a"/".lora_b") to its PEFT/HF module path;
-    # used to write adapters in PEFT format. None: PEFT export not supported for this family.
-    tune_to_peft_module: Optional[Callable[[str, Dict[str, Any]], str]] = None
+    # lora_to_peft(lora_state_dict, hf_config, lora) -> (peft_state_dict, target_modules):
+    # converts the ``*.lora_a.weight`` / ``*.lora_b.weight`` entries of a torchtune LoRA model
+    # into PEFT's ``base_model.model.<hf module>.lora_A.weight`` form, plus the HF module names
+    # for ``adapter_config.json``'s ``target_modules``. Loading the result with
+    # ``peft.PeftModel.from_pretrained`` on the exported base model must give the LoRA model's
+    # logits. None: PEFT export not supported for this family (say so in the error).
+    lora_to_peft: Optional[Callable[[StateDict, Dict[str, Any], LoRASettings], tuple]] = None
     is_encoder_decoder: bool = False
     # Number of token ids the tokenizer really uses (embedding rows beyond it are padding):
     # real_vocab_size(hf_config) -> int, or None to use config["vocab_size"].
