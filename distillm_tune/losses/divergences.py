@@ -65,7 +65,7 @@ def shared_vocab_size(student_vocab: int, teacher_vocab: int, vocab_size: Option
 
 
 class Divergence(nn.Module):
-    """Base class: subclasses implement ``per_token(log_q, log_p) -> [N]``.
+    """Base class: subclasses implement ``per_token(log_q, log_p) -> (value [N], qg [N, V])``.
 
     Args:
         temperature: divides both logit sets before the softmax.
@@ -87,7 +87,8 @@ class Divergence(nn.Module):
         self.ignore_index = ignore_index
         self.vocab_size = vocab_size
 
-    def per_token(self, log_q: Tensor, log_p: Tensor) -> Tensor:  # pragma: no cover - abstract
+    def per_token(self, log_q: Tensor, log_p: Tensor) -> Tuple[Tensor, Tensor]:  # pragma: no cover
+        """``(value [N], q ⊙ ∂value/∂q [N, V])`` from log-probabilities; see ``_math``."""
         raise NotImplementedError
 
     def log_probs(self, logits: Tensor, vocab: int) -> Tensor:
@@ -98,13 +99,22 @@ class Divergence(nn.Module):
             logits = logits / self.temperature
         return torch.log_softmax(logits, dim=-1)
 
-    def rows_sum(self, student_rows: Tensor, teacher_rows: Tensor) -> Tensor:
-        """Sum of per-token divergences over ``[N, V]`` rows that all count."""
-        vocab = shared_vocab_size(student_rows.shape[-1], teacher_rows.shape[-1], self.vocab_size)
+    def value_and_grad(
+        self, student_rows: Tensor, teacher_rows: Tensor, vocab: int, need_grad: bool = True
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        """Summed divergence of ``[N, V]`` logit rows that all count, and its gradient with
+        respect to the first ``vocab`` student logits (``[N, vocab]``, fp32 or wider)."""
         log_q = self.log_probs(student_rows, vocab)
-        with torch.no_grad():
-            log_p = self.log_probs(teacher_rows.detach(), vocab)
-        return self.per_token(log_q, log_p).sum()
+        log_p = self.log_probs(teacher_rows, vocab)
+        value, qg = self.per_token(log_q, log_p)
+        del log_p
+        grad = _math.logit_grad(log_q, qg, self.temperature) if need_grad else None
+        return value.sum(), grad
+
+    def rows_sum(self, student_rows: Tensor, teacher_rows: Tensor) -> Tensor:
+        """Differentiable sum of per-token divergences over ``[N, V]`` rows that all count."""
+        vocab = shared_vocab_size(student_rows.shape[-1], teacher_rows.shape[-1], self.vocab_size)
+        return _RowsDivergence.apply(student_rows, teacher_rows.detach(), self, vocab)
 
     def sum_and_count(
         self, student_logits: Logits, teacher_logits: Logits, labels: Tensor
@@ -126,6 +136,26 @@ class Divergence(nn.Module):
         total, count = self.sum_and_count(student_logits, teacher_logits, labels)
         # An all-masked batch gives 0 (with a graph, so backward still works), not 0/0.
         return total / count.clamp(min=1)
+
+
+class _RowsDivergence(torch.autograd.Function):
+    """Keeps only the logits gradient for backward, not every intermediate of the formula."""
+
+    @staticmethod
+    def forward(ctx, student_rows, teacher_rows, divergence, vocab):
+        total, grad = divergence.value_and_grad(
+            student_rows, teacher_rows, vocab, need_grad=ctx.needs_input_grad[0]
+        )
+        if grad is not None:
+            if vocab < student_rows.shape[-1]:  # padded embedding rows get no gradient
+                grad = nn.functional.pad(grad, (0, student_rows.shape[-1] - vocab))
+            ctx.save_for_backward(grad.to(student_rows.dtype))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_out.to(grad.dtype), None, None, None
 
 
 def _as_chunks(x: Logits) -> List[Tensor]:
@@ -175,14 +205,14 @@ def _align_chunks(
 class ForwardKLLoss(Divergence):
     """KL(p ‖ q), teacher p, student q: classic (Hinton) KD."""
 
-    def per_token(self, log_q: Tensor, log_p: Tensor) -> Tensor:
+    def per_token(self, log_q: Tensor, log_p: Tensor) -> Tuple[Tensor, Tensor]:
         return _math.forward_kl(log_q, log_p)
 
 
 class ReverseKLLoss(Divergence):
     """KL(q ‖ p): mode seeking (MiniLLM / GKD)."""
 
-    def per_token(self, log_q: Tensor, log_p: Tensor) -> Tensor:
+    def per_token(self, log_q: Tensor, log_p: Tensor) -> Tuple[Tensor, Tensor]:
         return _math.reverse_kl(log_q, log_p)
 
 
@@ -193,7 +223,7 @@ class SkewForwardKLLoss(Divergence):
         super().__init__(**kwargs)
         self.alpha = _check_alpha(alpha)
 
-    def per_token(self, log_q: Tensor, log_p: Tensor) -> Tensor:
+    def per_token(self, log_q: Tensor, log_p: Tensor) -> Tuple[Tensor, Tensor]:
         return _math.skew_forward_kl(log_q, log_p, self.alpha)
 
 
@@ -204,7 +234,7 @@ class SkewReverseKLLoss(Divergence):
         super().__init__(**kwargs)
         self.alpha = _check_alpha(alpha)
 
-    def per_token(self, log_q: Tensor, log_p: Tensor) -> Tensor:
+    def per_token(self, log_q: Tensor, log_p: Tensor) -> Tuple[Tensor, Tensor]:
         return _math.skew_reverse_kl(log_q, log_p, self.alpha)
 
 
@@ -219,14 +249,14 @@ class JSDLoss(Divergence):
         super().__init__(**kwargs)
         self.beta = _check_beta(beta)
 
-    def per_token(self, log_q: Tensor, log_p: Tensor) -> Tensor:
+    def per_token(self, log_q: Tensor, log_p: Tensor) -> Tuple[Tensor, Tensor]:
         return _math.generalized_jsd(log_q, log_p, self.beta)
 
 
 class TVDLoss(Divergence):
     """Total variation distance ½ Σ |p − q|."""
 
-    def per_token(self, log_q: Tensor, log_p: Tensor) -> Tensor:
+    def per_token(self, log_q: Tensor, log_p: Tensor) -> Tuple[Tensor, Tensor]:
         return _math.total_variation(log_q, log_p)
 
 
@@ -238,7 +268,7 @@ class InterpolatedSkewKLLoss(Divergence):
         self.alpha = _check_alpha(alpha)
         self.beta = _check_beta(beta)
 
-    def per_token(self, log_q: Tensor, log_p: Tensor) -> Tensor:
+    def per_token(self, log_q: Tensor, log_p: Tensor) -> Tuple[Tensor, Tensor]:
         return _math.interpolated_skew_kl(log_q, log_p, self.alpha, self.beta)
 
 

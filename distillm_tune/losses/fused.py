@@ -24,13 +24,14 @@ class _FusedLinearDivergence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, divergence, vocab, chunk_size):
         # s_hidden [N, Hs] holds only the tokens that count; weights are [V_model, H].
-        grad_hidden = torch.empty_like(s_hidden) if s_hidden.requires_grad else None
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(s_hidden) if need_hidden else None
         acc_dtype = torch.promote_types(s_weight.dtype, torch.float32)
         w = s_weight[:vocab]
-        grad_w = torch.zeros(w.shape, dtype=acc_dtype, device=w.device) if s_weight.requires_grad else None
+        grad_w = torch.zeros(w.shape, dtype=acc_dtype, device=w.device) if need_weight else None
         grad_b = (
             torch.zeros(vocab, dtype=acc_dtype, device=w.device)
-            if s_bias is not None and s_bias.requires_grad
+            if need_bias
             else None
         )
         total = torch.zeros((), dtype=acc_dtype, device=s_hidden.device)
@@ -42,15 +43,14 @@ class _FusedLinearDivergence(torch.autograd.Function):
                     t_weight[:vocab],
                     None if t_bias is None else t_bias[:vocab],
                 )
-                log_p = divergence.log_probs(t_logits, vocab)
-                del t_logits
                 s_logits = nn.functional.linear(h, w, None if s_bias is None else s_bias[:vocab])
-            with torch.enable_grad():
-                s_logits.requires_grad_(True)
-                part = divergence.per_token(divergence.log_probs(s_logits, vocab), log_p).sum()
-                (g_logits,) = torch.autograd.grad(part, s_logits)
-            total += part.detach()
-            del log_p, s_logits, part
+                part, g_logits = divergence.value_and_grad(
+                    s_logits, t_logits, vocab, need_grad=any(ctx.needs_input_grad[:3])
+                )
+                del t_logits, s_logits
+            total += part
+            if g_logits is None:
+                continue
             if grad_hidden is not None:
                 grad_hidden[start : start + chunk_size] = (g_logits.to(w.dtype) @ w).to(grad_hidden.dtype)
             if grad_w is not None:

@@ -1,0 +1,219 @@
+"""Batched, left-padded, KV-cached sampling of student outputs (DISTILLM_SPEC §3).
+
+Generation dominates the cost of on-policy KD (paper Fig. 2), so this sampler differs from
+``torchtune.generation.generate`` where that one is slow or unsafe for training:
+
+- only the last position's logits are computed and kept (torchtune returns fp32 logits for every
+  step, ``[B, T, V]``); a pre-hook on the final norm slices the hidden states to the last position
+  so even the prompt pass projects a single position onto the vocabulary;
+- the model is switched to eval mode (dropout, LoRA dropout off) and every module's mode is
+  restored afterwards; KV caches are set up for the call and deleted afterwards;
+- generation stops at EOS per row, and the batch stops when all rows are done. Under
+  ``torch.distributed`` the "all done" flag is all-reduced, so every rank runs the same number of
+  forward passes: FSDP2 (``reshard_after_forward=True``) all-gathers parameters inside every
+  forward, and a rank that stopped early would leave the others waiting forever. A rank whose rows
+  are finished keeps stepping with pad tokens (and draws nothing from the generator) until all agree.
+
+The returned ``{"prompt", "response"}`` samples keep the EOS the model produced, so
+``collate_prompt_response`` gives them labels shifted exactly like ground-truth data.
+"""
+
+import contextlib
+from typing import Dict, Iterable, List, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchtune.modules.common_utils import local_kv_cache
+
+
+@torch.no_grad()
+def generate_responses(
+    model: nn.Module,
+    prompts: List[List[int]],
+    *,
+    max_new_tokens: int,
+    eos_ids: Iterable[int],
+    pad_id: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+    sync_across_ranks: bool = True,
+    cache_dtype: Optional[torch.dtype] = None,
+    device: Optional[torch.device] = None,
+) -> List[Dict[str, List[int]]]:
+    """Sample a response for each prompt from a torchtune ``TransformerDecoder``.
+
+    Args:
+        model: decoder with ``model(tokens, mask=..., input_pos=...)`` and torchtune's cache API
+            (``setup_caches`` etc.); may be wrapped by FSDP2 ``fully_shard``. Its caches must not
+            be set up already (they are created for this call and deleted afterwards).
+        prompts: token id lists, any lengths (left-padded internally).
+        max_new_tokens: most tokens generated per prompt; the same on every rank.
+        eos_ids: stop tokens; a row stops at the first one it produces, which is kept.
+        pad_id: id used for left padding and for rows that already stopped (never returned).
+        temperature: 0 means greedy (argmax); otherwise logits are divided by it before sampling.
+        top_p: nucleus sampling: keep the smallest set of most likely tokens whose mass >= top_p.
+        top_k: keep only the ``top_k`` most likely tokens; None = off.
+        generator: ``torch.Generator`` on the model's device for reproducible sampling.
+        sync_across_ranks: all-reduce the "all rows done" flag when torch.distributed is
+            initialized (then every rank of the default group must call this in lockstep).
+        cache_dtype: KV-cache dtype; default the dtype of the model's first floating parameter
+            (pass the compute dtype when FSDP mixed precision casts parameters).
+        device: where the forward runs; default the device of the model's first parameter (pass
+            it when parameters are offloaded to CPU, e.g. FSDP2 ``CPUOffloadPolicy``).
+
+    Returns:
+        ``[{"prompt": prompt, "response": generated ids}]`` in prompt order; a response ends at
+        its first EOS (included), or holds ``max_new_tokens`` tokens if no EOS was produced.
+    """
+    if isinstance(eos_ids, (int, str)):
+        raise ValueError(f"eos_ids must be a collection of token ids, got {eos_ids!r}")
+    eos_list = sorted({int(e) for e in eos_ids})
+    if isinstance(prompts, (list, tuple)):
+        prompts = [[int(t) for t in p] for p in prompts]  # also accepts tensors / numpy rows
+    _validate(model, prompts, max_new_tokens, temperature, top_p, top_k)
+    params = list(model.parameters())
+    device = params[0].device if device is None else torch.device(device)
+    if cache_dtype is None:
+        cache_dtype = next((p.dtype for p in params if p.is_floating_point()), torch.float32)
+
+    bsz, plen = len(prompts), max(len(p) for p in prompts)
+    total = plen + max_new_tokens
+    tokens = torch.full((bsz, plen), pad_id, dtype=torch.long, device=device)
+    real = torch.zeros((bsz, total), dtype=torch.bool, device=device)  # False = left padding
+    for i, p in enumerate(prompts):
+        tokens[i, plen - len(p) :] = torch.tensor(p, dtype=torch.long, device=device)
+        real[i, plen - len(p) :] = True
+    # position of each token within its own (unpadded) sequence; padding gets 0 (masked anyway)
+    positions = (real.long().cumsum(-1) - 1).clamp_min(0)
+    cols = torch.arange(total, device=device)
+    # prompt pass: causal over the prompt, padding masked out; a padding query attends to itself
+    # only, so its softmax row is not all -inf (NaN there would leak into values read through 0s)
+    prefill_mask = (cols[None, :] <= torch.arange(plen, device=device)[:, None])[None] & real[:, None, :]
+    diag = torch.arange(plen, device=device)
+    prefill_mask[:, diag, diag] = True
+    eos = torch.tensor(eos_list, dtype=torch.long, device=device)
+    distributed = sync_across_ranks and dist.is_available() and dist.is_initialized()
+
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with local_kv_cache(
+            model, batch_size=bsz, device=device, dtype=cache_dtype, decoder_max_seq_len=total
+        ), _last_position_only(model):
+            logits = _last_logits(model(tokens, mask=prefill_mask, input_pos=positions[:, :plen]))
+            out = torch.full((bsz, max_new_tokens), pad_id, dtype=torch.long, device=device)
+            done = torch.zeros(bsz, dtype=torch.bool, device=device)
+            local_done = False
+            for t in range(max_new_tokens):
+                if local_done:  # only stepping for the other ranks: feed pads, draw no randomness
+                    nxt = out[:, t]
+                else:
+                    nxt = _sample(logits, temperature, top_k, top_p, generator)
+                    nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+                    out[:, t] = nxt
+                    done |= torch.isin(nxt, eos)
+                    local_done = bool(done.all())
+                if t == max_new_tokens - 1 or _all_done(local_done, distributed, device):
+                    break
+                pos = plen + t  # sequence index of the token fed now
+                step_mask = ((cols <= pos)[None, :] & real)[:, None, :]
+                logits = _last_logits(
+                    model(nxt[:, None], mask=step_mask, input_pos=positions[:, pos : pos + 1])
+                )
+    finally:
+        for m, was_training in modes:
+            m.training = was_training
+
+    return [
+        {"prompt": list(p), "response": _cut_at_eos(row, set(eos_list))}
+        for p, row in zip(prompts, out.tolist())
+    ]
+
+
+def _validate(model, prompts, max_new_tokens, temperature, top_p, top_k) -> None:
+    if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
+        raise ValueError("prompts must be a non-empty list of token id lists")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty; at least one prompt token is needed")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if not (temperature >= 0.0):
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    if not (0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must lie in (0, 1], got {top_p!r}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+    max_seq_len = getattr(model, "max_seq_len", None)
+    longest = max(len(p) for p in prompts)
+    if max_seq_len is not None and longest + max_new_tokens > max_seq_len:
+        raise ValueError(
+            f"longest prompt ({longest}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+            f"max_seq_len ({max_seq_len})"
+        )
+    if model.caches_are_setup():
+        raise ValueError(
+            "the model already has KV caches set up; generate_responses sets up its own "
+            "(delete them first with torchtune.modules.common_utils.delete_kv_caches)"
+        )
+
+
+@contextlib.contextmanager
+def _last_position_only(model: nn.Module):
+    """Make the model project only the last position onto the vocabulary.
+
+    The final norm and the output projection act per position, so slicing the norm's input to the
+    last position gives the same last-position logits while skipping ``[B, prompt_len, V]``.
+    Models without a ``norm`` submodule run unchanged (the last position is taken afterwards).
+    """
+    norm = getattr(model, "norm", None)
+    if not isinstance(norm, nn.Module):
+        yield
+        return
+    handle = norm.register_forward_pre_hook(lambda mod, args: (args[0][:, -1:], *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _last_logits(output) -> torch.Tensor:
+    # chunked output / hidden states come as a list; the last element holds the last position
+    if isinstance(output, (list, tuple)):
+        output = output[-1]
+    return output[:, -1].float()
+
+
+def _sample(logits, temperature, top_k, top_p, generator) -> torch.Tensor:
+    if temperature == 0.0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        mass_before = probs.cumsum(-1) - probs  # mass of strictly more likely tokens
+        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _all_done(local_done: bool, distributed: bool, device: torch.device) -> bool:
+    if not distributed:
+        return local_done
+    running = torch.tensor([0 if local_done else 1], dtype=torch.int32, device=device)
+    dist.all_reduce(running, op=dist.ReduceOp.MAX)
+    return running.item() == 0
+
+
+def _cut_at_eos(row: List[int], eos: set) -> List[int]:
+    for i, tok in enumerate(row):
+        if tok in eos:
+            return row[: i + 1]
+    return row

@@ -1,0 +1,205 @@
+"""generate_responses: equality with an uncached reference, reproducibility, EOS handling, labels,
+restoration of mode and caches, last-position-only logits."""
+
+import pytest
+import torch
+from torchtune.models.llama2 import llama2
+
+from distillm_tune.data.collate import collate_prompt_response
+from distillm_tune.sgo.sampler import _sample, generate_responses
+
+VOCAB, PAD = 67, 0
+PROMPTS = [[5, 9, 13], [7, 3, 22, 40, 41, 8, 11], [60], [33, 12, 19, 2, 50]]
+
+
+def _model(seed=0, attn_dropout=0.0):
+    torch.manual_seed(seed)
+    m = llama2(
+        vocab_size=VOCAB, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32,
+        max_seq_len=64, intermediate_dim=64, attn_dropout=attn_dropout,
+    )
+    return m.eval()
+
+
+@torch.no_grad()
+def _reference_greedy(model, prompt, max_new, eos):
+    """Independent loop: full forward on the growing unpadded sequence each step, no cache."""
+    seq, out = list(prompt), []
+    for _ in range(max_new):
+        tok = int(model(torch.tensor([seq]))[0, -1].argmax())
+        out.append(tok)
+        seq.append(tok)
+        if tok in eos:
+            break
+    return out
+
+
+def test_greedy_cached_batch_equals_uncached_reference():
+    model = _model()
+    free = [_reference_greedy(model, p, 12, set()) for p in PROMPTS]
+    eos = {free[0][3]}  # row 0 stops at its 4th token; other rows stop wherever they emit it
+    expected = [_reference_greedy(model, p, 12, eos) for p in PROMPTS]
+    assert len(expected[0]) == 4 and max(len(e) for e in expected) > 4  # rows stop at different steps
+    got = generate_responses(model, PROMPTS, max_new_tokens=12, eos_ids=eos, pad_id=PAD, temperature=0.0)
+    assert [g["prompt"] for g in got] == PROMPTS
+    assert [g["response"] for g in got] == expected
+
+
+def test_only_last_position_is_projected_to_vocab():
+    model = _model()
+    shapes = []
+    h = model.output.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape)))
+    generate_responses(model, PROMPTS, max_new_tokens=5, eos_ids={PAD}, pad_id=PAD, temperature=0.0)
+    h.remove()
+    assert shapes and all(s[1] == 1 for s in shapes), shapes
+    assert len(model.norm._forward_pre_hooks) == 0  # hook removed
+
+
+def test_sampling_is_reproducible_with_a_generator():
+    model = _model()
+
+    def run(seed, **kw):
+        g = torch.Generator().manual_seed(seed)
+        return generate_responses(model, PROMPTS, max_new_tokens=10, eos_ids={1}, pad_id=PAD, generator=g, **kw)
+
+    assert run(11) == run(11)
+    assert run(11) != run(12)
+    assert run(11, top_k=5, top_p=0.9, temperature=0.7) == run(11, top_k=5, top_p=0.9, temperature=0.7)
+    greedy = generate_responses(model, PROMPTS, max_new_tokens=10, eos_ids={1}, pad_id=PAD, temperature=0.0)
+    assert run(11, top_k=1) == greedy
+    assert run(11, top_p=1e-6) == greedy
+
+
+def test_top_k_and_top_p_support():
+    logits = torch.log(torch.tensor([[0.05, 0.5, 0.15, 0.3]])).repeat(400, 1)
+    g = torch.Generator().manual_seed(0)
+
+    def support(**kw):
+        return set(_sample(logits, kw.pop("temperature", 1.0), kw.get("top_k"), kw.get("top_p", 1.0), g).tolist())
+
+    assert support() == {0, 1, 2, 3}
+    assert support(top_k=2) == {1, 3}
+    assert support(top_k=3) == {1, 2, 3}
+    assert support(top_p=0.8) == {1, 3}  # 0.5 + 0.3 reaches 0.8
+    assert support(top_p=0.81) == {1, 2, 3}
+    assert support(top_p=0.5) == {1}
+    assert support(temperature=0.0) == {1}
+
+
+def test_eos_kept_nothing_after_and_labels_shifted():
+    model = _model()
+    free = [_reference_greedy(model, p, 8, set()) for p in PROMPTS]
+    eos_tok = free[1][2]
+    got = generate_responses(model, PROMPTS, max_new_tokens=8, eos_ids={eos_tok}, pad_id=PAD, temperature=0.0)
+    for g, f in zip(got, free):
+        r = g["response"]
+        if eos_tok in f:
+            k = f.index(eos_tok)
+            assert r == f[: k + 1] and r[-1] == eos_tok  # EOS kept, nothing after it
+        else:
+            assert r == f and len(r) == 8  # no EOS: exactly max_new_tokens tokens
+    assert got[1]["response"][-1] == eos_tok and len(got[1]["response"]) == 3
+    batch = collate_prompt_response(got, pad_id=PAD)
+    for i, g in enumerate(got):
+        p, r = g["prompt"], g["response"]
+        seq = p + r
+        assert batch["tokens"][i, : len(seq)].tolist() == seq
+        lab = batch["labels"][i]
+        assert (lab[: len(p) - 1] == -100).all()
+        assert lab[len(p) - 1 : len(seq) - 1].tolist() == seq[len(p) :]  # labels[t] == tokens[t+1]
+        assert (lab[len(seq) - 1 :] == -100).all()
+
+
+def test_mode_and_caches_restored_even_on_error():
+    model = _model()
+    model.train()
+    model.layers[1].mlp.eval()  # a mixed state must come back exactly
+    before = {n: m.training for n, m in model.named_modules()}
+    seen = []
+    h = model.register_forward_pre_hook(lambda m, a: seen.append(m.training))
+    generate_responses(model, PROMPTS, max_new_tokens=4, eos_ids={PAD}, pad_id=PAD)
+    h.remove()
+    assert seen and not any(seen)  # every forward ran in eval mode
+    assert {n: m.training for n, m in model.named_modules()} == before
+    assert not model.caches_are_setup() and not model.caches_are_enabled()
+
+    calls = []
+
+    def boom(m, a):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+
+    h = model.register_forward_pre_hook(boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        generate_responses(model, PROMPTS, max_new_tokens=6, eos_ids={PAD}, pad_id=PAD)
+    h.remove()
+    assert {n: m.training for n, m in model.named_modules()} == before
+    assert not model.caches_are_setup()
+    assert len(model.norm._forward_pre_hooks) == 0
+
+
+def test_dropout_model_in_train_mode_generates_like_eval_mode():
+    model = _model(attn_dropout=0.5)
+    model.train()
+    x = torch.tensor([PROMPTS[1]])
+    with torch.no_grad():
+        assert not torch.equal(model(x), model(x))  # dropout really is active in train mode
+    kw = dict(max_new_tokens=10, eos_ids={1}, pad_id=PAD, temperature=0.0)
+    from_train = generate_responses(model, PROMPTS, **kw)
+    assert model.training
+    model.eval()
+    assert generate_responses(model, PROMPTS, **kw) == from_train
+
+
+def test_errors():
+    model = _model()
+    kw = dict(eos_ids={1}, pad_id=PAD)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        generate_responses(model, [[1] * 60], max_new_tokens=5, **kw)
+    with pytest.raises(ValueError, match="max_new_tokens.*0"):
+        generate_responses(model, PROMPTS, max_new_tokens=0, **kw)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        generate_responses(model, [[1], []], max_new_tokens=2, **kw)
+    with pytest.raises(ValueError, match="non-empty"):
+        generate_responses(model, [], max_new_tokens=2, **kw)
+    with pytest.raises(ValueError, match="top_p.*1.5"):
+        generate_responses(model, PROMPTS, max_new_tokens=2, top_p=1.5, **kw)
+    with pytest.raises(ValueError, match="top_k.*0"):
+        generate_responses(model, PROMPTS, max_new_tokens=2, top_k=0, **kw)
+    with pytest.raises(ValueError, match="temperature.*-1"):
+        generate_responses(model, PROMPTS, max_new_tokens=2, temperature=-1.0, **kw)
+    model.setup_caches(1, torch.float32, decoder_max_seq_len=16)
+    with pytest.raises(ValueError, match="already has KV caches"):
+        generate_responses(model, PROMPTS, max_new_tokens=2, **kw)
+    assert model.caches_are_setup()  # left as found
+
+
+def test_positions_count_from_each_rows_first_real_token():
+    """RoPE is shift invariant, so the greedy equality above cannot see wrong positions; learned
+    absolute positions (GPT-2, OPT) can. Check the input_pos handed to the model directly."""
+    model = _model()
+    calls = []
+    h = model.register_forward_pre_hook(
+        lambda m, a, kw: calls.append((a[0].clone(), kw["input_pos"].clone(), kw["mask"].clone())), with_kwargs=True
+    )
+    generate_responses(model, PROMPTS, max_new_tokens=3, eos_ids=set(), pad_id=PAD, temperature=0.0)
+    h.remove()
+    plen = max(len(p) for p in PROMPTS)
+    (tok0, pos0, mask0), steps = calls[0], calls[1:]
+    assert len(steps) == 2  # prompt pass + max_new_tokens - 1 decode passes
+    for i, p in enumerate(PROMPTS):
+        npad = plen - len(p)
+        assert tok0[i].tolist() == [PAD] * npad + p
+        assert pos0[i].tolist() == [0] * npad + list(range(len(p)))
+        # real queries never attend to padding or to the future
+        assert not mask0[i, npad:, :npad].any()
+        assert torch.equal(mask0[i, npad:, npad:plen], torch.ones(len(p), len(p)).tril().bool())
+        for t, (_, pos, mask) in enumerate(steps):
+            assert pos[i].tolist() == [len(p) + t]
+            assert mask[i, 0].tolist() == [False] * npad + [True] * (len(p) + t + 1) + [False] * (2 - t)
+
+
+def test_eos_ids_must_be_a_collection():
+    with pytest.raises(ValueError, match="eos_ids.*2"):
+        generate_responses(_model(), PROMPTS, max_new_tokens=2, eos_ids=2, pad_id=PAD)
