@@ -541,6 +541,13 @@ def save_peft_adapter(
     """Write the model's LoRA weights as a PEFT adapter (``adapter_model.safetensors`` +
     ``adapter_config.json``) for ``peft.PeftModel.from_pretrained`` on the HF base model."""
     lora_sd = {k: v.detach() for k, v in model.state_dict().items() if _is_adapter_key(k)}
+    save_peft_adapter_state_dict(lora_sd, output_dir, source_dir, lora)
+
+
+def save_peft_adapter_state_dict(
+    lora_sd: StateDict, output_dir: PathLike, source_dir: PathLike, lora: LoRASettings
+) -> None:
+    """:func:`save_peft_adapter` for a (gathered) state dict of LoRA weights, e.g. from FSDP."""
     with _atomic_dir(output_dir) as tmp:
         _write_adapter(lora_sd, tmp, os.fspath(source_dir), lora)
 

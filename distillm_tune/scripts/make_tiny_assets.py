@@ -127,10 +127,10 @@ def make_tiny_assets(out: str, train: int = 2000, valid: int = 200, test: int = 
     splits = {"train": rows[:train], "valid": rows[train:train + valid], "test": rows[train + valid:]}
     for name, part in splits.items():
         write_jsonl(part, os.path.join(out, "data", f"{name}.jsonl"))
-    texts = [f"{r['instruction']}\n{r['context']}\n{r['response']}" for r in rows]
     from distillm_tune.data.instruction import format_prompt
 
-    texts += [format_prompt("x", "y")]  # the template's own words
+    # trained on what the models will read, so the prompt template gets merged into few tokens
+    texts = [format_prompt(r["instruction"], r["context"]) + r["response"] for r in rows]
     train_tokenizer(texts, os.path.join(out, "tokenizer"), vocab_size)
     make_gpt2(os.path.join(out, "teacher"), os.path.join(out, "tokenizer"), 4, 128, 4, seed + 1)
     make_gpt2(os.path.join(out, "student"), os.path.join(out, "tokenizer"), 2, 64, 2, seed + 2)

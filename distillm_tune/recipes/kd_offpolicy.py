@@ -1,0 +1,589 @@
+"""Knowledge distillation with adaptive off-policy student-generated outputs (DistiLLM).
+
+    tune run distillm_tune/recipes/kd_offpolicy --config configs/tiny_cpu.yaml \\
+        assets_dir=DIR output_dir=OUT method=distillm
+    tune run --nproc_per_node 2 distillm_tune/recipes/kd_offpolicy --config ...
+
+One recipe for the paper's method and its baselines: ``method`` picks the data policy
+(``sft``, ``kd``, ``seqkd``, ``imitkd``, ``gkd``, ``distillm``) and, unless ``loss._component_``
+is set, the divergence (see ``METHOD_LOSSES``); any divergence works with any policy.
+
+One optimizer step, as it reads below in ``_train_step``:
+  for each micro-batch: draw u (the same on every rank) -> choose dataset / fresh SGO / replay
+  -> (generate with the student and push into the replay buffer) -> collate;
+  count the step's tokens over all micro-batches and ranks;
+  for each micro-batch: teacher forward (no grad) + student forward -> divergence sum, CE sum
+  -> backward of the step-normalised loss;
+  clip, optimizer step, LR step; at a validation point the scheduler's φ follows the
+  validation loss.
+"""
+
+import math
+import os
+import sys
+import time
+from functools import partial
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torchtune import config, training, utils
+from torchtune.modules import TransformerSelfAttentionLayer
+from torchtune.modules.peft import get_adapter_params, set_trainable_params
+from tqdm import tqdm
+
+from distillm_tune.data.collate import CROSS_ENTROPY_IGNORE_IDX, collate_prompt_response
+from distillm_tune.losses import Divergence
+from distillm_tune.losses.cross_entropy import cross_entropy_sum_and_count
+from distillm_tune.models import LoRASettings, family_for, load_hf, load_hf_tokenizer, read_hf_config
+from distillm_tune.models.hf import save_hf_state_dict, save_peft_adapter_state_dict
+from distillm_tune.sgo import (
+    METHODS,
+    SOURCES,
+    AdaptiveSGOScheduler,
+    ReplayBuffer,
+    choose_source,
+    generate_responses,
+    shared_uniform,
+)
+from distillm_tune.training import RecipeCheckpointer, all_reduce_sum, init_process_group_for
+
+log = utils.get_logger("INFO")
+
+# method -> default divergence (component, kwargs); None: cross-entropy only, no teacher at train time
+METHOD_LOSSES = {
+    "sft": None,
+    "seqkd": None,
+    "kd": ("distillm_tune.losses.ForwardKLLoss", {}),
+    "imitkd": ("distillm_tune.losses.ForwardKLLoss", {}),
+    # Eq. 4 convention; the paper's GKD numbers come from m = 0.1 p + 0.9 q, i.e. beta = 0.1
+    "gkd": ("distillm_tune.losses.JSDLoss", {"beta": 0.1}),
+    "distillm": ("distillm_tune.losses.SkewReverseKLLoss", {"alpha": 0.1}),
+}
+
+
+def _setting_error(setting: str, message: str) -> ValueError:
+    return ValueError(f"config {setting}: {message}")
+
+
+class KDOffPolicyRecipe:
+    """Distil a student from a teacher with one of the paper's data policies.
+
+    The config keys are documented in ``configs/tiny_cpu.yaml``.
+    """
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        self.method = cfg.get("method", "distillm")
+        if self.method not in METHODS:
+            raise _setting_error("method", f"unknown method {self.method!r}; expected one of {list(METHODS)}")
+        self.device = utils.get_device(cfg.get("device", "cpu"))
+        self.dtype = training.get_dtype(cfg.get("dtype", "fp32"), device=self.device)
+        self.world_size, self.rank = init_process_group_for(self.device)
+        self.is_rank_zero = self.rank == 0
+        self.distributed = self.world_size > 1
+        self.seed = training.set_seed(seed=cfg.get("seed", 1))
+        self.output_dir = cfg.output_dir
+        self.uses_teacher = METHOD_LOSSES[self.method] is not None
+        self.batch_size = int(cfg.batch_size)
+        self.grad_accum = int(cfg.get("gradient_accumulation_steps", 1))
+        self.kd_ratio = float(cfg.get("kd_ratio", 1.0)) if self.uses_teacher else 0.0
+        self.clip_grad_norm = cfg.get("clip_grad_norm", 1.0)
+        sgo = cfg.get("sgo", {}) or {}
+        self.sgo_cfg = {
+            "temperature": float(sgo.get("temperature", 1.0)),
+            "top_p": float(sgo.get("top_p", 1.0)),
+            "top_k": sgo.get("top_k", None),
+        }
+        self.max_new_tokens = int(sgo.get("max_new_tokens", cfg.max_seq_len - cfg.max_prompt_len))
+        self.gkd_sgo_prob = float(sgo.get("gkd_sgo_prob", 0.5))
+        self._sgo = sgo
+        if not 0.0 <= self.kd_ratio <= 1.0:
+            raise _setting_error("kd_ratio", f"must lie in [0, 1], got {self.kd_ratio}")
+
+    # ------------------------------------------------------------------------------------- setup
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        # Everything that can be checked without loading weights is checked first.
+        student_dir = self._existing_dir("student.checkpoint_dir", cfg.student.checkpoint_dir)
+        teacher_dir = self._existing_dir("teacher.checkpoint_dir", cfg.teacher.checkpoint_dir) if self.uses_teacher else None
+        self.student_dir = student_dir
+        self.loss_fn = self._build_loss(student_dir, teacher_dir)
+        self.tokenizer = load_hf_tokenizer(student_dir)
+        if teacher_dir is not None:
+            self._check_same_tokenizer(student_dir, teacher_dir)
+        self.train_data, self.valid_data = self._build_data()
+
+        lora = cfg.student.get("lora", None)
+        self.lora = None if lora is None else LoRASettings(
+            **{k: (tuple(v) if k == "lora_attn_modules" else v) for k, v in OmegaConf.to_container(lora).items()}
+        )
+        torch.manual_seed(self.seed)  # identical LoRA init on every rank
+        self.student = self._load_model(student_dir, self.lora, trainable=True)
+        self.teacher = self._load_model(teacher_dir, None, trainable=False) if self.uses_teacher else None
+
+        num_chunks = int(cfg.get("num_output_chunks", 8))
+        for model in (self.student, self.teacher):
+            if model is not None and num_chunks > 0:
+                model.set_num_output_chunks(num_chunks)
+
+        self.micro_batches_per_epoch = len(self.train_data) // (self.batch_size * self.world_size)
+        steps = self.micro_batches_per_epoch // self.grad_accum
+        if cfg.get("max_steps_per_epoch") is not None:
+            steps = min(steps, int(cfg.max_steps_per_epoch))
+        if steps < 1:
+            raise _setting_error(
+                "batch_size",
+                f"{len(self.train_data)} training samples give no full optimizer step with batch_size="
+                f"{self.batch_size} x {self.world_size} ranks x gradient_accumulation_steps={self.grad_accum}",
+            )
+        self.steps_per_epoch = steps
+        self.total_steps = steps * int(cfg.epochs)
+
+        trainable = [p for p in self.student.parameters() if p.requires_grad]
+        self.optimizer = config.instantiate(cfg.optimizer, trainable)
+        self.lr_scheduler = config.instantiate(cfg.lr_scheduler, self.optimizer, num_training_steps=self.total_steps)
+
+        self.buffer = ReplayBuffer(capacity=int(self._sgo.get("buffer_size", 1000)))
+        self.scheduler = AdaptiveSGOScheduler(
+            total_steps=self.total_steps,
+            phi0=float(self._sgo.get("phi0", 0.0)),
+            num_stages=int(self._sgo.get("num_stages", 10)),
+            tolerance=float(self._sgo.get("tolerance", 0.1)),
+            replay_ratio=self._sgo.get("replay_ratio", "decreasing"),
+        )
+        # u must be equal on all ranks: one generator seeded identically everywhere (and
+        # shared_uniform broadcasts rank 0's draw). Sampling and replay draws differ per rank.
+        self.policy_gen = torch.Generator().manual_seed(self.seed)
+        self.sample_gen = torch.Generator(device=self.device).manual_seed(self.seed + 1000 + self.rank)
+        self.buffer_gen = torch.Generator().manual_seed(self.seed + 2000 + self.rank)
+
+        self.checkpointer = RecipeCheckpointer(self.output_dir, keep_last=int(cfg.get("keep_last_checkpoints", 2)))
+        self.metric_logger = config.instantiate(cfg.metric_logger) if self.is_rank_zero else None
+        self.global_step, self.epoch, self.step_in_epoch = 0, 0, 0
+        self.train_time = 0.0
+        if cfg.get("resume_from_checkpoint", False):
+            self._resume()
+        elif self.method == "distillm":
+            # L_prev starts as the validation loss of the initial student (paper App. C)
+            self.scheduler.start(self.validation_loss())
+
+    def _existing_dir(self, setting: str, path: Optional[str]) -> str:
+        if path is None or not os.path.isdir(str(path)):
+            raise _setting_error(setting, f"checkpoint directory {path!r} does not exist")
+        return str(path)
+
+    def _build_loss(self, student_dir: str, teacher_dir: Optional[str]) -> Optional[Divergence]:
+        loss_cfg = OmegaConf.to_container(self.cfg.get("loss", None) or OmegaConf.create({}))
+        preset = METHOD_LOSSES[self.method]
+        if preset is None:
+            return None
+        if "_component_" not in loss_cfg:
+            loss_cfg = {"_component_": preset[0], **preset[1], **loss_cfg}
+        # Embedding tables may be padded beyond the tokenizer (OPT 50272 vs 50265): compare the
+        # real shared vocabulary only.
+        s_cfg, t_cfg = read_hf_config(student_dir), read_hf_config(teacher_dir)
+        real = []
+        for c in (s_cfg, t_cfg):
+            fam = family_for(c["model_type"])
+            real.append(fam.real_vocab_size(c) if fam.real_vocab_size else c["vocab_size"])
+        if real[0] != real[1]:
+            raise _setting_error(
+                "teacher.checkpoint_dir",
+                f"teacher vocabulary ({real[1]} tokens) differs from the student's ({real[0]}): "
+                "distillation needs one tokenizer",
+            )
+        if s_cfg["vocab_size"] != real[0] or t_cfg["vocab_size"] != real[0]:
+            loss_cfg.setdefault("vocab_size", real[0])
+        try:
+            return config.instantiate(OmegaConf.create(loss_cfg))
+        except (ValueError, TypeError) as e:
+            raise _setting_error("loss", f"{loss_cfg}: {e}") from e
+
+    def _check_same_tokenizer(self, student_dir: str, teacher_dir: str) -> None:
+        teacher_tok = load_hf_tokenizer(teacher_dir)
+        probe = "Below is an instruction. 123 + 45 = 168, Zürich!"
+        s_ids, t_ids = self.tokenizer.encode(probe, add_bos=False), teacher_tok.encode(probe, add_bos=False)
+        s_special = (self.tokenizer.eos_id, self.tokenizer.vocab_size)
+        t_special = (teacher_tok.eos_id, teacher_tok.vocab_size)
+        if s_ids != t_ids or s_special != t_special:
+            raise _setting_error(
+                "teacher.checkpoint_dir",
+                f"the teacher's tokenizer (vocab {teacher_tok.vocab_size}, eos {teacher_tok.eos_id}) "
+                f"differs from the student's (vocab {self.tokenizer.vocab_size}, eos "
+                f"{self.tokenizer.eos_id}) in {teacher_dir!r} vs {student_dir!r}",
+            )
+
+    def _build_data(self):
+        cfg = self.cfg
+        train_cfg = cfg.dataset
+        if self.method == "seqkd":
+            if not cfg.get("seqkd_data"):
+                raise _setting_error(
+                    "seqkd_data", "method=seqkd needs seqkd_data=<jsonl of teacher responses written by "
+                    "python -m distillm_tune.scripts.generate_seqkd>",
+                )
+            train_cfg = OmegaConf.merge(train_cfg, {"source": cfg.seqkd_data})
+        for setting, dcfg in (("dataset.source", train_cfg), ("validation.dataset.source", cfg.validation.dataset)):
+            if not os.path.exists(str(dcfg.source)):
+                raise _setting_error(setting, f"{dcfg.source!r} does not exist")
+        train = config.instantiate(train_cfg, self.tokenizer)
+        valid = config.instantiate(cfg.validation.dataset, self.tokenizer)
+        if self.is_rank_zero:
+            log.info(f"train: {train.stats.summary()}; valid: {valid.stats.summary()}")
+        return train, valid
+
+    def _load_model(self, checkpoint_dir: str, lora: Optional[LoRASettings], trainable: bool) -> nn.Module:
+        model = load_hf(checkpoint_dir, dtype=self.dtype, lora=lora)
+        if trainable and lora is not None:
+            set_trainable_params(model, get_adapter_params(model))
+        elif not trainable:
+            model.requires_grad_(False)
+            model.eval()
+        if trainable and self.cfg.get("enable_activation_checkpointing", False):
+            training.set_activation_checkpointing(model, auto_wrap_policy={TransformerSelfAttentionLayer})
+        model.to(self.device)
+        if self.distributed:
+            # Teacher sharded like the student: its memory is split across ranks too.
+            training.shard_model(
+                model,
+                [lambda name, m: isinstance(m, TransformerSelfAttentionLayer)],
+                cpu_offload=False,
+                reshard_after_forward=True,
+            )
+        return model
+
+    # ------------------------------------------------------------------------------------- data
+
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+        return torch.randperm(len(self.train_data), generator=g)
+
+    def _dataset_samples(self, order: torch.Tensor, micro_index: int) -> List[Dict[str, List[int]]]:
+        """This rank's share of global micro-batch ``micro_index``: the global batch is the same
+        whatever the number of ranks, so runs on 1 and N processes see the same data."""
+        g = self.batch_size * self.world_size
+        idx = order[micro_index * g : (micro_index + 1) * g][self.rank :: self.world_size]
+        return [self.train_data[int(i)] for i in idx]
+
+    # ------------------------------------------------------------------------------------- train
+
+    def _generate(self, samples: List[Dict[str, List[int]]]) -> List[Dict[str, List[int]]]:
+        # the sampler wants plain [B, 1, V] logits, not torchtune's list of chunks
+        chunks = self.student.num_output_chunks
+        self.student.set_num_output_chunks(0)
+        try:
+            return generate_responses(
+                self.student,
+                [s["prompt"] for s in samples],
+                max_new_tokens=self.max_new_tokens,
+                eos_ids=[self.tokenizer.eos_id],
+                pad_id=self.tokenizer.pad_id,
+                generator=self.sample_gen,
+                cache_dtype=self.dtype,
+                device=self.device,
+                **self.sgo_cfg,
+            )
+        finally:
+            self.student.set_num_output_chunks(chunks)
+
+    def _prepare_micro_batch(self, order: torch.Tensor, micro_index: int) -> Tuple[str, Dict[str, Any]]:
+        samples = self._dataset_samples(order, micro_index)
+        u = shared_uniform(self.policy_gen)
+        source = choose_source(
+            self.method, u, step=self.global_step, scheduler=self.scheduler,
+            buffer_len=len(self.buffer), batch_size=len(samples), gkd_sgo_prob=self.gkd_sgo_prob,
+        )
+        if source == "sgo":
+            samples = self._generate(samples)
+            if self.method == "distillm":
+                self.buffer.push(samples)
+        elif source == "replay":
+            samples = self.buffer.sample(len(samples), self.buffer_gen)
+        return source, collate_prompt_response(samples, pad_id=self.tokenizer.pad_id)
+
+    def _loss_sums(self, batch: Dict[str, Any]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(divergence sum, CE sum) over the batch's unmasked tokens."""
+        tokens = batch["tokens"].to(self.device)
+        labels = batch["labels"].to(self.device)
+        student_logits = self.student(tokens)
+        ce_sum, _ = cross_entropy_sum_and_count(student_logits, labels)
+        if self.loss_fn is None or self.kd_ratio == 0.0:
+            return torch.zeros((), device=self.device), ce_sum
+        with torch.no_grad():
+            teacher_logits = self.teacher(tokens)
+        div_sum, _ = self.loss_fn.sum_and_count(student_logits, teacher_logits, labels)
+        return div_sum, ce_sum
+
+    def _train_step(self, order: torch.Tensor) -> Dict[str, float]:
+        t0 = time.perf_counter()
+        micro, sources, gen_time = [], [], 0.0
+        for k in range(self.grad_accum):
+            g0 = time.perf_counter()
+            source, batch = self._prepare_micro_batch(order, self.step_in_epoch * self.grad_accum + k)
+            if source == "sgo":
+                gen_time += time.perf_counter() - g0
+            micro.append(batch)
+            sources.append(source)
+        # Normalise over every token of the step, on every rank (not a mean of micro-batch means).
+        n_tokens = all_reduce_sum(
+            torch.tensor(float(sum((b["labels"] != CROSS_ENTROPY_IGNORE_IDX).sum() for b in micro)), device=self.device)
+        )
+        denom = n_tokens.clamp(min=1.0)
+        sums = torch.zeros(2, device=self.device)
+        self.student.train()
+        for batch in micro:
+            div_sum, ce_sum = self._loss_sums(batch)
+            loss = (self.kd_ratio * div_sum + (1.0 - self.kd_ratio) * ce_sum) / denom
+            # FSDP averages gradients over ranks; the loss is already a global token mean.
+            (loss * self.world_size).backward()
+            sums += torch.stack([div_sum.detach(), ce_sum.detach()])
+        grad_norm = None
+        if self.clip_grad_norm is not None:
+            params = [p for p in self.student.parameters() if p.requires_grad]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm=float(self.clip_grad_norm))
+            if hasattr(grad_norm, "full_tensor"):
+                grad_norm = grad_norm.full_tensor()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.lr_scheduler.step()
+        all_reduce_sum(sums)
+        div, ce = (sums / denom).tolist()
+        elapsed = time.perf_counter() - t0
+        metrics = {
+            "loss": self.kd_ratio * div + (1.0 - self.kd_ratio) * ce,
+            "loss_div": div,
+            "loss_ce": ce,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "phi": self.scheduler.phi,
+            "lambda_r": self.scheduler.sgo_prob(self.global_step),
+            "buffer_fill": len(self.buffer) / self.buffer.capacity,
+            "gen_time_share": gen_time / elapsed,
+            "tokens_per_sec": float(n_tokens) / elapsed,
+            "step_time": elapsed,
+            "epoch": self.epoch,
+        }
+        for s in SOURCES:
+            metrics[f"source_{s}"] = sources.count(s) / len(sources)
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
+        return metrics
+
+    def train(self) -> None:
+        cfg = self.cfg
+        val_every = cfg.validation.get("every_n_steps", None)
+        save_every = cfg.get("save_every_n_steps", None)
+        log_every = int(cfg.get("log_every_n_steps", 1))
+        pbar = tqdm(total=self.total_steps, initial=self.global_step, disable=not self.is_rank_zero,
+                    desc=f"{self.method}", dynamic_ncols=True)
+        while self.epoch < int(cfg.epochs):
+            order = self._epoch_order(self.epoch)
+            while self.step_in_epoch < self.steps_per_epoch:
+                t0 = time.perf_counter()
+                metrics = self._train_step(order)
+                self.global_step += 1
+                self.step_in_epoch += 1
+                end_of_epoch = self.step_in_epoch == self.steps_per_epoch
+                if end_of_epoch:
+                    self.epoch += 1
+                    self.step_in_epoch = 0
+                if (val_every and self.global_step % int(val_every) == 0) or (end_of_epoch and not val_every):
+                    metrics.update(self._validate())
+                self.train_time += time.perf_counter() - t0
+                metrics["train_time"] = self.train_time
+                if self.metric_logger is not None and (self.global_step % log_every == 0 or "val_loss" in metrics):
+                    self.metric_logger.log_dict(metrics, step=self.global_step)
+                pbar.update(1)
+                pbar.set_postfix(loss=f"{metrics['loss']:.4f}", phi=f"{metrics['phi']:.1f}")
+                if self.global_step < self.total_steps and save_every and self.global_step % int(save_every) == 0:
+                    self.save_checkpoint()
+                if end_of_epoch:
+                    break
+        pbar.close()
+        self.save_checkpoint()
+        self.export()
+
+    # -------------------------------------------------------------------------------- validation
+
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        """Student token-mean CE on the validation responses, over all ranks."""
+        was_training = self.student.training
+        self.student.eval()
+        n = len(self.valid_data)
+        bs = int(self.cfg.validation.get("batch_size", self.batch_size))
+        max_batches = self.cfg.validation.get("max_batches", None)
+        sums = torch.zeros(2, device=self.device)
+        # Every rank runs the same number of forward passes (FSDP all-gathers inside each one);
+        # a rank whose share runs out feeds a fully masked dummy batch.
+        n_batches = math.ceil(n / (bs * self.world_size))
+        if max_batches is not None:
+            n_batches = min(n_batches, int(max_batches))
+        for b in range(n_batches):
+            idx = list(range(n))[b * bs * self.world_size : (b + 1) * bs * self.world_size][self.rank :: self.world_size]
+            samples = [self.valid_data[i] for i in idx]
+            dummy = not samples
+            batch = collate_prompt_response(samples or [self.valid_data[0]], pad_id=self.tokenizer.pad_id)
+            if dummy:
+                batch["labels"].fill_(CROSS_ENTROPY_IGNORE_IDX)
+            ce_sum, count = cross_entropy_sum_and_count(self.student(batch["tokens"].to(self.device)), batch["labels"].to(self.device))
+            sums += torch.stack([ce_sum.float(), count.float()])
+        all_reduce_sum(sums)
+        self.student.train(was_training)
+        return float(sums[0] / sums[1].clamp(min=1.0))
+
+    def _validate(self) -> Dict[str, float]:
+        val_loss = self.validation_loss()
+        out = {"val_loss": val_loss}
+        if self.method == "distillm":
+            out["phi_increased"] = float(self.scheduler.update(val_loss))
+            out["phi"] = self.scheduler.phi
+        n_rouge = int(self.cfg.validation.get("rouge_examples", 0) or 0)
+        if n_rouge > 0:
+            out["val_rouge_l"] = self.validation_rouge(n_rouge)
+        return out
+
+    @torch.no_grad()
+    def validation_rouge(self, n_examples: int) -> float:
+        """Greedy ROUGE-L (spec §5 scoring) of the student on the first validation examples."""
+        from distillm_tune.eval.metrics import rouge_l
+
+        n = min(n_examples, len(self.valid_data))
+        idx = list(range(n))[self.rank :: self.world_size] or [0]
+        out = self._generate_greedy([self.valid_data[i]["prompt"] for i in idx])
+        preds = [self.tokenizer.decode([t for t in s["response"] if t != self.tokenizer.eos_id]).strip() for s in out]
+        refs = [list(self.valid_data.examples[i].references) for i in idx]
+        local = torch.tensor([rouge_l(preds, refs) * len(idx), float(len(idx))], device=self.device)
+        if self.rank >= n:
+            local.zero_()
+        all_reduce_sum(local)
+        return float(local[0] / local[1].clamp(min=1.0))
+
+    def _generate_greedy(self, prompts: List[List[int]]):
+        saved = dict(self.sgo_cfg)
+        self.sgo_cfg.update(temperature=0.0)
+        try:
+            return self._generate([{"prompt": p} for p in prompts])
+        finally:
+            self.sgo_cfg = saved
+
+    # ------------------------------------------------------------------------------ checkpoints
+
+    def _model_state(self) -> Dict[str, torch.Tensor]:
+        """Trainable weights, gathered to rank 0 under FSDP (full student or LoRA adapters)."""
+        if self.distributed:
+            return training.gather_cpu_state_dict(self.student, self.is_rank_zero, adapter_weights_only=self.lora is not None)
+        sd = self.student.state_dict()
+        if self.lora is not None:
+            sd = {k: v for k, v in sd.items() if k in get_adapter_params(self.student)}
+        return {k: v.detach().cpu() for k, v in sd.items()}
+
+    def _optimizer_state(self) -> Dict[str, Any]:
+        if self.distributed:
+            return training.get_full_optimizer_state_dict(self.student, self.optimizer, self.is_rank_zero)
+        return self.optimizer.state_dict()
+
+    def save_checkpoint(self) -> str:
+        """All training state, so that ``resume_from_checkpoint=True`` continues exactly."""
+        shared = {
+            "model": self._model_state(),
+            "optimizer": self._optimizer_state(),
+            "recipe_state": {
+                "global_step": self.global_step,
+                "epoch": self.epoch,
+                "step_in_epoch": self.step_in_epoch,
+                "train_time": self.train_time,
+                "scheduler": self.scheduler.state_dict(),
+                "lr_scheduler": self.lr_scheduler.state_dict(),
+                "policy_gen": self.policy_gen.get_state(),
+                "method": self.method,
+                "total_steps": self.total_steps,
+            },
+        }
+        per_rank = {
+            "buffer": self.buffer.state_dict(),
+            "sample_gen": self.sample_gen.get_state(),
+            "buffer_gen": self.buffer_gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state() if self.device.type == "cuda" else None,
+        }
+        path = self.checkpointer.save(self.global_step, shared if self.is_rank_zero else None, per_rank)
+        if self.is_rank_zero:
+            log.info(f"saved training state at step {self.global_step} to {path}")
+        return path
+
+    def _resume(self) -> None:
+        path = self.checkpointer.latest()
+        if path is None:
+            raise _setting_error(
+                "resume_from_checkpoint",
+                f"no checkpoint found under {self.checkpointer.root!r} to resume from",
+            )
+        state = self.checkpointer.load(path, self.world_size)
+        rs = state["recipe_state"]
+        if rs["method"] != self.method or rs["total_steps"] != self.total_steps:
+            raise _setting_error(
+                "resume_from_checkpoint",
+                f"{path!r} was written by method={rs['method']} with {rs['total_steps']} total steps; "
+                f"this run has method={self.method} with {self.total_steps}",
+            )
+        if self.distributed:
+            training.load_from_full_model_state_dict(self.student, state["model"], self.device, strict=False)
+            training.load_from_full_optimizer_state_dict(self.student, self.optimizer, state["optimizer"], self.device)
+        else:
+            missing, unexpected = self.student.load_state_dict(state["model"], strict=False)
+            if unexpected or (self.lora is None and missing):
+                raise ValueError(f"{path}/model.pt does not fit the student: missing {missing}, unexpected {unexpected}")
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(rs["lr_scheduler"])
+        self.scheduler.load_state_dict(rs["scheduler"])
+        self.policy_gen.set_state(rs["policy_gen"])
+        self.global_step, self.epoch, self.step_in_epoch = rs["global_step"], rs["epoch"], rs["step_in_epoch"]
+        self.train_time = rs["train_time"]
+        r = state["rank"]
+        self.buffer.load_state_dict(r["buffer"])
+        self.sample_gen.set_state(r["sample_gen"])
+        self.buffer_gen.set_state(r["buffer_gen"])
+        torch.set_rng_state(r["torch_rng"])
+        if r["cuda_rng"] is not None:
+            torch.cuda.set_rng_state(r["cuda_rng"])
+        if self.is_rank_zero:
+            log.info(f"resumed from {path} at step {self.global_step} (epoch {self.epoch})")
+
+    def export(self) -> None:
+        """The distilled student in Hugging Face format (merged), plus a PEFT adapter with LoRA."""
+        full = (
+            training.gather_cpu_state_dict(self.student, self.is_rank_zero)
+            if self.distributed
+            else {k: v.detach().cpu() for k, v in self.student.state_dict().items()}
+        )
+        if not self.is_rank_zero:
+            return
+        out = os.path.join(self.output_dir, "hf_model")
+        rank_alpha = None if self.lora is None else (self.lora.lora_rank, self.lora.lora_alpha)
+        save_hf_state_dict(full, out, self.student_dir, lora_rank_alpha=rank_alpha)
+        log.info(f"exported the student in Hugging Face format to {out}")
+        if self.lora is not None:
+            adapter = {k: v for k, v in full.items() if ".lora_a." in k or ".lora_b." in k}
+            save_peft_adapter_state_dict(adapter, os.path.join(self.output_dir, "peft_adapter"), self.student_dir, self.lora)
+
+    def cleanup(self) -> None:
+        if self.metric_logger is not None:
+            self.metric_logger.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@config.parse
+def recipe_main(cfg: DictConfig) -> None:
+    recipe = KDOffPolicyRecipe(cfg)
+    recipe.setup()
+    recipe.train()
+    recipe.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(recipe_main())

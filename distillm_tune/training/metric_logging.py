@@ -1,0 +1,52 @@
+"""A torchtune metric logger that writes one JSON object per line.
+
+torchtune's ``DiskLogger`` writes ``Step N | key:value`` text; JSON lines are what plots, tests
+and the reproduction scripts read back without parsing.
+"""
+
+import json
+import os
+import time
+from typing import Mapping, Union
+
+from torchtune.training.metric_logging import MetricLoggerInterface
+
+Scalar = Union[int, float]
+
+
+class JsonlMetricLogger(MetricLoggerInterface):
+    """Appends ``{"step": N, "time": seconds since start, key: value, ...}`` to ``log_dir/filename``.
+
+    Only rank 0 writes (the recipe logs values already reduced across ranks).
+    """
+
+    def __init__(self, log_dir: str, filename: str = "metrics.jsonl", **kwargs):
+        self.path = os.path.join(log_dir, filename)
+        self._rank = int(os.environ.get("RANK", "0"))
+        self._start = time.perf_counter()
+        self._file = None
+        if self._rank == 0:
+            os.makedirs(log_dir, exist_ok=True)
+            self._file = open(self.path, "a", encoding="utf-8")
+
+    def log(self, name: str, data: Scalar, step: int) -> None:
+        self.log_dict({name: data}, step)
+
+    def log_dict(self, payload: Mapping[str, Scalar], step: int) -> None:
+        if self._file is None:
+            return
+        row = {"step": step, "time": round(time.perf_counter() - self._start, 4)}
+        row.update({k: (v.item() if hasattr(v, "item") else v) for k, v in payload.items()})
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+
+    def log_config(self, config) -> None:
+        pass
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __del__(self) -> None:
+        self.close()
