@@ -413,15 +413,15 @@ class KDOffPolicyRecipe:
         """Student token-mean CE on the validation responses, over all ranks."""
         was_training = self.student.training
         self.student.eval()
+        # The same examples whatever the number of ranks, so the scheduler sees the same loss.
         n = len(self.valid_data)
+        if self.cfg.validation.get("max_examples", None) is not None:
+            n = min(n, int(self.cfg.validation.max_examples))
         bs = int(self.cfg.validation.get("batch_size", self.batch_size))
-        max_batches = self.cfg.validation.get("max_batches", None)
         sums = torch.zeros(2, device=self.device)
         # Every rank runs the same number of forward passes (FSDP all-gathers inside each one);
         # a rank whose share runs out feeds a fully masked dummy batch.
         n_batches = math.ceil(n / (bs * self.world_size))
-        if max_batches is not None:
-            n_batches = min(n_batches, int(max_batches))
         for b in range(n_batches):
             idx = list(range(n))[b * bs * self.world_size : (b + 1) * bs * self.world_size][self.rank :: self.world_size]
             samples = [self.valid_data[i] for i in idx]

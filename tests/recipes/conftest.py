@@ -1,0 +1,65 @@
+"""Shared fixtures for recipe tests: tiny assets built once, and an in-process recipe runner."""
+
+import json
+import os
+import sys
+
+import pytest
+from omegaconf import OmegaConf
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY_CONFIG = os.path.join(REPO, "configs", "tiny_cpu.yaml")
+
+# Small and fast: 3 optimizer steps of 8 samples, short generations.
+FAST = [
+    "epochs=1",
+    "max_steps_per_epoch=3",
+    "sgo.max_new_tokens=8",
+    "validation.max_examples=8",
+    "validation.batch_size=8",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory):
+    from distillm_tune.scripts.make_tiny_assets import make_tiny_assets
+
+    out = tmp_path_factory.mktemp("assets")
+    make_tiny_assets(str(out), train=96, valid=16, test=16)
+    return str(out)
+
+
+def make_cfg(assets_dir, output_dir, *overrides):
+    cfg = OmegaConf.load(TINY_CONFIG)
+    dotlist = [f"assets_dir={assets_dir}", f"output_dir={output_dir}", *FAST, *overrides]
+    return OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotlist))
+
+
+def run_recipe(assets_dir, output_dir, *overrides):
+    """Run the recipe in this process; returns (recipe, metrics rows)."""
+    from distillm_tune.recipes.kd_offpolicy import KDOffPolicyRecipe
+
+    recipe = KDOffPolicyRecipe(make_cfg(assets_dir, output_dir, *overrides))
+    recipe.setup()
+    recipe.train()
+    recipe.cleanup()
+    return recipe, read_metrics(output_dir)
+
+
+def read_metrics(output_dir):
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def tune_cmd(*args, nproc=None):
+    """The user's command line: ``tune run [--nproc_per_node N] distillm_tune/recipes/kd_offpolicy ...``."""
+    launcher = [sys.executable, "-m", "torchtune._cli.tune", "run"]
+    if nproc:
+        launcher += ["--nproc_per_node", str(nproc)]
+    return launcher + ["distillm_tune/recipes/kd_offpolicy", "--config", TINY_CONFIG, *FAST, *args]
+
+
+def subprocess_env():
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    return env

@@ -1,0 +1,246 @@
+"""The kd_offpolicy recipe end to end on tiny CPU assets."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, make_cfg, read_metrics, run_recipe, subprocess_env, tune_cmd
+from distillm_tune.data.collate import collate_prompt_response
+from distillm_tune.losses import JSDLoss, SkewForwardKLLoss
+
+
+def _hf_weights(output_dir):
+    return load_file(os.path.join(output_dir, "hf_model", "model.safetensors"))
+
+
+def _srkl64(student_logits, teacher_logits, labels, alpha=0.1):
+    keep = labels != -100
+    q = torch.softmax(student_logits.double()[keep], -1)
+    p = torch.softmax(teacher_logits.double()[keep], -1)
+    m = (1 - alpha) * p + alpha * q
+    return (torch.xlogy(q, q) - torch.xlogy(q, m)).sum() / keep.sum()
+
+
+# ---------------------------------------------------------------------------------- each method
+
+
+@pytest.mark.parametrize(
+    "method,extra,sources",
+    [
+        ("sft", [], {"dataset"}),
+        ("kd", [], {"dataset"}),
+        ("imitkd", [], {"sgo"}),
+        ("gkd", ["sgo.gkd_sgo_prob=0.5"], {"dataset", "sgo"}),
+        # phi0=1: SGO from the start, so generation and replay both happen in 3 steps
+        ("distillm", ["sgo.phi0=1.0", "gradient_accumulation_steps=2", "batch_size=4"], {"sgo", "replay"}),
+    ],
+)
+def test_each_method_runs_end_to_end(tiny_assets, tmp_path, method, extra, sources):
+    recipe, rows = run_recipe(tiny_assets, str(tmp_path), f"method={method}", *extra)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    seen = {s for r in rows for s in ("dataset", "sgo", "replay") if r[f"source_{s}"] > 0}
+    assert seen <= sources and (len(seen) == len(sources) or method == "gkd")
+    for r in rows:
+        assert all(torch.isfinite(torch.tensor(v)) for v in r.values() if isinstance(v, float))
+    if method == "sft":
+        assert recipe.teacher is None and all(r["loss"] == r["loss_ce"] for r in rows)
+    else:
+        assert all(r["loss"] == pytest.approx(r["loss_div"]) for r in rows)  # kd_ratio = 1
+    if method == "distillm":
+        assert len(recipe.buffer) > 0 and rows[-1]["buffer_fill"] > 0
+    # the distilled student is exported in HF format and transformers loads it
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(os.path.join(tmp_path, "hf_model")).eval()
+    tokens = torch.tensor([recipe.valid_data[0]["prompt"]])
+    recipe.student.set_num_output_chunks(0)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, recipe.student.eval()(tokens), atol=1e-5, rtol=1e-5)
+
+
+def test_seqkd_trains_on_the_given_teacher_outputs(tiny_assets, tmp_path):
+    seqkd = os.path.join(tiny_assets, "data", "valid.jsonl")  # any dolly-format file of responses
+    recipe, rows = run_recipe(tiny_assets, str(tmp_path), "method=seqkd", f"seqkd_data={seqkd}",
+                              "batch_size=4")
+    assert recipe.teacher is None and len(recipe.train_data) == 16
+    assert all(r["loss"] == r["loss_ce"] for r in rows)
+
+
+def test_overrides_pick_the_divergence(tiny_assets, tmp_path):
+    from distillm_tune.recipes.kd_offpolicy import KDOffPolicyRecipe
+
+    recipe = KDOffPolicyRecipe(make_cfg(tiny_assets, str(tmp_path), "method=gkd", "loss.beta=0.9"))
+    assert isinstance(recipe._build_loss(recipe.cfg.student.checkpoint_dir, recipe.cfg.teacher.checkpoint_dir), JSDLoss)
+    recipe.setup()
+    assert isinstance(recipe.loss_fn, JSDLoss) and recipe.loss_fn.beta == 0.9
+    recipe = KDOffPolicyRecipe(make_cfg(
+        tiny_assets, str(tmp_path), "method=distillm",
+        "loss._component_=distillm_tune.losses.SkewForwardKLLoss", "loss.alpha=0.3", "loss.temperature=2.0"))
+    recipe.setup()
+    assert isinstance(recipe.loss_fn, SkewForwardKLLoss)
+    assert (recipe.loss_fn.alpha, recipe.loss_fn.temperature) == (0.3, 2.0)
+
+
+def test_first_step_loss_equals_transformers_float64_reference(tiny_assets, tmp_path):
+    """The logged loss of step 1 is SRKL(0.1) of transformers' teacher and student on that batch."""
+    from transformers import AutoModelForCausalLM
+
+    from distillm_tune.recipes.kd_offpolicy import KDOffPolicyRecipe
+
+    recipe = KDOffPolicyRecipe(make_cfg(tiny_assets, str(tmp_path), "method=distillm"))
+    recipe.setup()
+    batch = collate_prompt_response(recipe._dataset_samples(recipe._epoch_order(0), 0), pad_id=recipe.tokenizer.pad_id)
+    recipe.train()
+    rows = read_metrics(str(tmp_path))
+    assert rows[0]["source_dataset"] == 1.0  # phi0 = 0: the first step reads the dataset
+    with torch.no_grad():
+        s = AutoModelForCausalLM.from_pretrained(recipe.cfg.student.checkpoint_dir).double()(batch["tokens"]).logits
+        t = AutoModelForCausalLM.from_pretrained(recipe.cfg.teacher.checkpoint_dir).double()(batch["tokens"]).logits
+    assert rows[0]["loss"] == pytest.approx(float(_srkl64(s, t, batch["labels"])), rel=1e-5)
+
+
+def test_gradient_accumulation_equals_one_big_batch(tiny_assets, tmp_path):
+    _, big = run_recipe(tiny_assets, str(tmp_path / "big"), "method=kd", "batch_size=8")
+    _, acc = run_recipe(tiny_assets, str(tmp_path / "acc"), "method=kd", "batch_size=2",
+                        "gradient_accumulation_steps=4")
+    for a, b in zip(acc, big):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    wa, wb = _hf_weights(tmp_path / "acc"), _hf_weights(tmp_path / "big")
+    for k in wb:
+        # summation order differs; Adam turns ~1e-9 gradient differences into ~1e-6 steps
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+
+
+def test_lora_student_exports_merged_and_peft(tiny_assets, tmp_path):
+    lora = "student.lora={lora_attn_modules: [q_proj, v_proj], lora_rank: 4, lora_alpha: 8}"
+    recipe, rows = run_recipe(tiny_assets, str(tmp_path), "method=kd", lora, "optimizer.lr=5e-2")
+    trainable = {n for n, p in recipe.student.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert os.path.isfile(tmp_path / "peft_adapter" / "adapter_config.json")
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(os.path.join(tmp_path, "hf_model")).eval()
+    tokens = torch.tensor([recipe.valid_data[0]["prompt"]])
+    recipe.student.set_num_output_chunks(0)
+    with torch.no_grad():
+        ours = recipe.student.eval()(tokens)
+        base = AutoModelForCausalLM.from_pretrained(recipe.cfg.student.checkpoint_dir)(tokens).logits
+        torch.testing.assert_close(hf(tokens).logits, ours, atol=1e-5, rtol=1e-5)
+    assert (ours - base).abs().max() > 1e-4  # the adapters did train
+
+
+# ------------------------------------------------------------------------------ bad configs
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("method=minillm_typo", "config method: unknown method 'minillm_typo'"),
+        ("loss.alpha=1.5", r"config loss: .*alpha must lie in \[0, 1\)"),
+        ("student.checkpoint_dir=/nonexistent/student", "config student.checkpoint_dir"),
+        ("teacher.checkpoint_dir=/nonexistent/teacher", "config teacher.checkpoint_dir"),
+        ("dataset.source=/nonexistent.jsonl", "config dataset.source"),
+        ("resume_from_checkpoint=true", "config resume_from_checkpoint: no checkpoint found"),
+        ("method=seqkd", "config seqkd_data"),
+        ("kd_ratio=1.5", "config kd_ratio"),
+    ],
+)
+def test_bad_configuration_stops_before_training(tiny_assets, tmp_path, override, match):
+    with pytest.raises(ValueError, match=match):
+        run_recipe(tiny_assets, str(tmp_path), override)
+    assert not os.path.exists(tmp_path / "metrics.jsonl") or not read_metrics(str(tmp_path))
+
+
+def test_teacher_with_another_tokenizer_is_rejected(tiny_assets, tmp_path):
+    from distillm_tune.scripts.make_tiny_assets import make_tiny_assets
+
+    other = make_tiny_assets(str(tmp_path / "other"), train=40, valid=4, test=4, seed=7)
+    with pytest.raises(ValueError, match="config teacher.checkpoint_dir: the teacher's tokenizer"):
+        run_recipe(tiny_assets, str(tmp_path / "out"), f"teacher.checkpoint_dir={other['teacher']}")
+
+
+# ------------------------------------------------------------------- distributed and resume
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_losses_of_one_with_the_same_global_batch(tiny_assets, tmp_path):
+    _, single = run_recipe(tiny_assets, str(tmp_path / "one"), "method=kd", "batch_size=8")
+    cmd = tune_cmd(f"assets_dir={tiny_assets}", f"output_dir={tmp_path / 'two'}", "method=kd", "batch_size=4", nproc=2)
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    double = read_metrics(str(tmp_path / "two"))
+    assert [r["step"] for r in double] == [r["step"] for r in single]
+    for a, b in zip(double, single):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert double[-1]["val_loss"] == pytest.approx(single[-1]["val_loss"], rel=1e-5)
+    wa, wb = _hf_weights(tmp_path / "two"), _hf_weights(tmp_path / "one")
+    for k in wb:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+
+
+KILLER = r"""
+import os, signal, sys
+import torch
+from distillm_tune.training import checkpointing
+
+kill_step, phase = int(os.environ["KILL_STEP"]), os.environ["KILL_PHASE"]
+name = checkpointing.RecipeCheckpointer.name(kill_step)
+if phase == "after_save":
+    original = checkpointing.RecipeCheckpointer.save
+    def save(self, step, shared, per_rank):
+        path = original(self, step, shared, per_rank)
+        if step == kill_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return path
+    checkpointing.RecipeCheckpointer.save = save
+else:  # in the middle of writing: after the model file, before the optimizer file
+    original_save = torch.save
+    def torch_save(obj, path, *a, **k):
+        if name in str(path) and str(path).endswith("optimizer.pt.tmp"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original_save(obj, path, *a, **k)
+    torch.save = torch_save
+from torchtune._cli.tune import main
+sys.argv = ["tune"] + sys.argv[1:]
+main()
+"""
+
+RESUME_ARGS = ["method=distillm", "sgo.phi0=1.0", "epochs=2", "save_every_n_steps=2", "batch_size=4"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", ["after_save", "during_save"])
+def test_sigkill_and_resume_reproduce_the_uninterrupted_run(tiny_assets, tmp_path, phase):
+    _, full = run_recipe(tiny_assets, str(tmp_path / "full"), *RESUME_ARGS)
+    assert {"sgo", "replay"} <= {s for r in full for s in ("sgo", "replay") if r[f"source_{s}"] > 0}
+
+    out = tmp_path / "killed"
+    killer = tmp_path / "killer.py"
+    killer.write_text(KILLER)
+    args = tune_cmd(f"assets_dir={tiny_assets}", f"output_dir={out}", *RESUME_ARGS)[3:]  # drop "python -m torchtune._cli.tune"
+    env = dict(subprocess_env(), KILL_STEP="4", KILL_PHASE=phase)
+    proc = subprocess.run([sys.executable, str(killer), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    ckpt = out / "checkpoints"
+    with open(ckpt / "latest") as f:
+        latest = f.read().strip()
+    assert latest == ("step_00000004" if phase == "after_save" else "step_00000002")
+    if phase == "during_save":
+        assert (ckpt / ".step_00000004.tmp").is_dir()  # the torn write is left aside, not used
+
+    _, resumed = run_recipe(tiny_assets, str(out), *RESUME_ARGS, "resume_from_checkpoint=true")
+    last = {r["step"]: r for r in resumed}
+    assert sorted(last) == [1, 2, 3, 4, 5, 6]
+    for r in full:
+        assert last[r["step"]]["loss"] == pytest.approx(r["loss"], rel=1e-6), r["step"]
+        for key in ("phi", "buffer_fill", "source_sgo", "source_replay"):
+            assert last[r["step"]][key] == r[key], (r["step"], key)
+    wa, wb = _hf_weights(out), _hf_weights(tmp_path / "full")
+    for k in wb:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
+    assert not (ckpt / ".step_00000004.tmp").exists()  # cleaned up by the next save
