@@ -35,6 +35,7 @@ from torchtune.modules.peft import get_adapter_params, set_trainable_params
 from tqdm import tqdm
 
 from distillm_tune.data.collate import CROSS_ENTROPY_IGNORE_IDX, collate_prompt_response
+from distillm_tune.data.pretrain import collate_packed
 from distillm_tune.losses import Divergence
 from distillm_tune.losses.cross_entropy import cross_entropy_sum_and_count
 from distillm_tune.models import LoRASettings, family_for, load_hf, load_hf_tokenizer, read_hf_config
@@ -116,6 +117,7 @@ class KDOffPolicyRecipe:
         if teacher_dir is not None:
             self._check_same_tokenizer(student_dir, teacher_dir)
         self.train_data, self.valid_data = self._build_data()
+        self.lm_data, self.lm_coef, self.lm_batch_size = self._build_lm_data()
 
         lora = cfg.student.get("lora", None)
         self.lora = None if lora is None else LoRASettings(
@@ -236,6 +238,24 @@ class KDOffPolicyRecipe:
             log.info(f"train: {train.stats.summary()}; valid: {valid.stats.summary()}")
         return train, valid
 
+    def _build_lm_data(self):
+        """Optional pretraining text for the LM term (``lm.dataset``), with ``lm.coef``."""
+        lm = self.cfg.get("lm", None)
+        if lm is None or lm.get("dataset", None) is None:
+            return None, 0.0, 0
+        if not os.path.exists(str(lm.dataset.source)):
+            raise _setting_error("lm.dataset.source", f"{lm.dataset.source!r} does not exist")
+        data = config.instantiate(lm.dataset, self.tokenizer)
+        if len(data) == 0:
+            raise _setting_error("lm.dataset", "holds no full block of max_seq_len tokens")
+        return data, float(lm.get("coef", 1.0)), int(lm.get("batch_size", self.batch_size))
+
+    def _lm_batch(self, micro_index: int) -> Dict[str, torch.Tensor]:
+        """This rank's LM blocks for the global micro-batch ``micro_index`` (cycling the corpus)."""
+        g = self.lm_batch_size * self.world_size
+        start = micro_index * g + self.rank * self.lm_batch_size
+        return collate_packed([self.lm_data[(start + j) % len(self.lm_data)] for j in range(self.lm_batch_size)])
+
     def _load_model(self, checkpoint_dir: str, lora: Optional[LoRASettings], trainable: bool) -> nn.Module:
         model = load_hf(checkpoint_dir, dtype=self.dtype, lora=lora)
         if trainable and lora is not None:
@@ -320,7 +340,7 @@ class KDOffPolicyRecipe:
 
     def _train_step(self, order: torch.Tensor) -> Dict[str, float]:
         t0 = time.perf_counter()
-        micro, sources, gen_time = [], [], 0.0
+        micro, sources, lm_batches, gen_time = [], [], [], 0.0
         for k in range(self.grad_accum):
             g0 = time.perf_counter()
             source, batch = self._prepare_micro_batch(order, self.step_in_epoch * self.grad_accum + k)
@@ -328,19 +348,29 @@ class KDOffPolicyRecipe:
                 gen_time += time.perf_counter() - g0
             micro.append(batch)
             sources.append(source)
-        # Normalise over every token of the step, on every rank (not a mean of micro-batch means).
-        n_tokens = all_reduce_sum(
-            torch.tensor(float(sum((b["labels"] != CROSS_ENTROPY_IGNORE_IDX).sum() for b in micro)), device=self.device)
-        )
-        denom = n_tokens.clamp(min=1.0)
-        sums = torch.zeros(2, device=self.device)
+            if self.lm_data is not None:
+                lm_batches.append(self._lm_batch(self.global_step * self.grad_accum + k))
+        # Normalise over every token of the step, on every rank (not a mean of micro-batch means);
+        # the LM term over its own tokens.
+        counts = all_reduce_sum(torch.tensor(
+            [float(sum((b["labels"] != CROSS_ENTROPY_IGNORE_IDX).sum() for b in batches)) for batches in (micro, lm_batches)],
+            device=self.device,
+        ))
+        n_tokens = counts[0]
+        denom, lm_denom = counts.clamp(min=1.0)
+        sums = torch.zeros(3, device=self.device)
         self.student.train()
-        for batch in micro:
+        for i, batch in enumerate(micro):
             div_sum, ce_sum = self._loss_sums(batch)
             loss = (self.kd_ratio * div_sum + (1.0 - self.kd_ratio) * ce_sum) / denom
+            lm_sum = torch.zeros((), device=self.device)
+            if lm_batches:
+                lm_logits = self.student(lm_batches[i]["tokens"].to(self.device))
+                lm_sum, _ = cross_entropy_sum_and_count(lm_logits, lm_batches[i]["labels"].to(self.device))
+                loss = loss + self.lm_coef * lm_sum / lm_denom
             # FSDP averages gradients over ranks; the loss is already a global token mean.
             (loss * self.world_size).backward()
-            sums += torch.stack([div_sum.detach(), ce_sum.detach()])
+            sums += torch.stack([div_sum.detach(), ce_sum.detach(), lm_sum.detach()])
         grad_norm = None
         if self.clip_grad_norm is not None:
             params = [p for p in self.student.parameters() if p.requires_grad]
@@ -351,12 +381,14 @@ class KDOffPolicyRecipe:
         self.optimizer.zero_grad(set_to_none=True)
         self.lr_scheduler.step()
         all_reduce_sum(sums)
-        div, ce = (sums / denom).tolist()
+        div, ce = (sums[:2] / denom).tolist()
+        lm = float(sums[2] / lm_denom)
         elapsed = time.perf_counter() - t0
         metrics = {
-            "loss": self.kd_ratio * div + (1.0 - self.kd_ratio) * ce,
+            "loss": self.kd_ratio * div + (1.0 - self.kd_ratio) * ce + self.lm_coef * lm,
             "loss_div": div,
             "loss_ce": ce,
+            "loss_lm": lm,
             "lr": self.optimizer.param_groups[0]["lr"],
             "phi": self.scheduler.phi,
             "lambda_r": self.scheduler.sgo_prob(self.global_step),

@@ -244,3 +244,26 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_run(tiny_assets, tmp_pat
     for k in wb:
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
     assert not (ckpt / ".step_00000004.tmp").exists()  # cleaned up by the next save
+
+
+def test_lm_term_on_pretraining_text(tiny_assets, tmp_path):
+    """loss = divergence + lm.coef * LM, and the LM part of step 1 is transformers' CE on the
+    first packed blocks."""
+    from transformers import AutoModelForCausalLM
+
+    from distillm_tune.data.pretrain import PackedTextDataset, collate_packed
+    from distillm_tune.models import load_hf_tokenizer
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"the {w} is next to the lake and the road number {i}." for i, w in
+                                enumerate(["fox", "owl", "cat", "dog", "bee", "elk"] * 20)))
+    lm = [f"lm.dataset={{_component_: distillm_tune.data.pretrain_dataset, source: {corpus}, max_seq_len: 32}}",
+          "lm.coef=0.5", "lm.batch_size=3"]
+    recipe, rows = run_recipe(tiny_assets, str(tmp_path / "out"), "method=kd", *lm)
+    for r in rows:
+        assert r["loss"] == pytest.approx(r["loss_div"] + 0.5 * r["loss_lm"], rel=1e-6)
+    blocks = collate_packed([PackedTextDataset(str(corpus), load_hf_tokenizer(recipe.student_dir), 32)[i] for i in range(3)])
+    with torch.no_grad():
+        logits = AutoModelForCausalLM.from_pretrained(recipe.student_dir)(blocks["tokens"]).logits
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), blocks["labels"].reshape(-1))
+    assert rows[0]["loss_lm"] == pytest.approx(float(ce), rel=1e-5)

@@ -1,0 +1,94 @@
+"""SeqKD data generation: dolly rows the instruction dataset reads, equal to the sampler's output."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from distillm_tune.data.instruction import InstructionDataset, load_dolly_rows
+from distillm_tune.models.hf import load_hf, load_hf_tokenizer
+from distillm_tune.scripts.generate_seqkd import generate_seqkd, main
+from distillm_tune.sgo.sampler import generate_responses
+
+MAX_SEQ_LEN = 80
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """2 shared cores: a second intra-op thread makes tiny-model steps 100x slower under load."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    from distillm_tune.scripts.make_tiny_assets import make_tiny_assets
+
+    out = tmp_path_factory.mktemp("seqkd_assets")
+    make_tiny_assets(str(out), train=30, valid=10, test=12)
+    return str(out)
+
+
+def _read(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_rows_are_dolly_format_and_equal_direct_sampling(assets, tmp_path):
+    teacher, data = os.path.join(assets, "teacher"), os.path.join(assets, "data", "train.jsonl")
+    tok = load_hf_tokenizer(teacher)
+    examples, _ = load_dolly_rows(data)
+    lengths = [len(tok.encode(ex.prompt, add_bos=True)) for ex in examples]
+    max_prompt_len = sorted(lengths)[len(lengths) // 2]  # about half the prompts fit
+    kept = [(ex, n) for ex, n in zip(examples, lengths) if n <= max_prompt_len]
+    assert 0 < len(kept) < len(examples)
+
+    out = str(tmp_path / "seqkd.jsonl")
+    stats = generate_seqkd(teacher, data, out, batch_size=4, max_prompt_len=max_prompt_len,
+                           max_seq_len=MAX_SEQ_LEN, seed=3, device="cpu")
+    rows = _read(out)
+    assert not os.path.exists(out + ".tmp")
+
+    # Independent: the sampler called directly, same batches, one generator with the same seed.
+    model = load_hf(teacher).eval()
+    generator = torch.Generator().manual_seed(3)
+    expected, empty = [], 0
+    for start in range(0, len(kept), 4):
+        batch = kept[start : start + 4]
+        prompts = [tok.encode(ex.prompt, add_bos=True) for ex, _ in batch]
+        for (ex, _), s in zip(batch, generate_responses(
+                model, prompts, max_new_tokens=MAX_SEQ_LEN - max_prompt_len, eos_ids=[tok.eos_id],
+                pad_id=tok.pad_id, temperature=1.0, generator=generator)):
+            ids = s["response"]
+            text = tok.decode(ids[: ids.index(tok.eos_id)] if tok.eos_id in ids else ids).strip()
+            empty += not text
+            if text:
+                expected.append({"instruction": ex.instruction, "context": ex.input,
+                                 "response": text, "category": ex.category})
+    assert rows == expected
+    assert len(rows) == stats.kept == len(kept) - empty
+    assert stats.get("skipped_long_prompt") == len(examples) - len(kept)
+    assert stats.get("skipped_empty_response") == empty
+
+    # The KD recipe's normal instruction dataset reads the file as it is.
+    ds = InstructionDataset(out, tok, split="all", max_prompt_len=max_prompt_len,
+                            max_seq_len=4 * MAX_SEQ_LEN)
+    assert len(ds) == len(rows)
+    assert [ex.reference for ex in ds.examples] == [r["response"] for r in rows]
+
+
+def test_counts_and_errors(assets, tmp_path):
+    teacher, data = os.path.join(assets, "teacher"), os.path.join(assets, "data", "train.jsonl")
+    out = str(tmp_path / "a.jsonl")
+    main(["--model-dir", teacher, "--data", data, "--out", out, "--max-prompt-len", "10",
+          "--max-seq-len", "20", "--device", "cpu"])  # the CLI; every prompt is over budget
+    assert _read(out) == []
+    with pytest.raises(FileNotFoundError, match="--model-dir"):
+        generate_seqkd(str(tmp_path / "nope"), data, out)
+    with pytest.raises(FileNotFoundError, match="--data"):
+        generate_seqkd(teacher, str(tmp_path / "nope.jsonl"), out)
+    with pytest.raises(ValueError, match="positions"):  # the tiny teacher has 256 positions
+        generate_seqkd(teacher, data, out, max_prompt_len=256, max_seq_len=512, device="cpu")
