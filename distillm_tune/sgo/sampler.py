@@ -22,9 +22,10 @@ import contextlib
 from typing import Dict, Iterable, List, Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torchtune.modules.common_utils import local_kv_cache
+
+from distillm_tune.generation import all_ranks_done, sample_next_token
 
 
 @torch.no_grad()
@@ -95,7 +96,6 @@ def generate_responses(
     diag = torch.arange(plen, device=device)
     prefill_mask[:, diag, diag] = True
     eos = torch.tensor(eos_list, dtype=torch.long, device=device)
-    distributed = sync_across_ranks and dist.is_available() and dist.is_initialized()
 
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
@@ -111,12 +111,12 @@ def generate_responses(
                 if local_done:  # only stepping for the other ranks: feed pads, draw no randomness
                     nxt = out[:, t]
                 else:
-                    nxt = _sample(logits, temperature, top_k, top_p, generator)
+                    nxt = sample_next_token(logits, temperature, top_k, top_p, generator)
                     nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
                     out[:, t] = nxt
                     done |= torch.isin(nxt, eos)
                     local_done = bool(done.all())
-                if t == max_new_tokens - 1 or _all_done(local_done, distributed, device):
+                if t == max_new_tokens - 1 or all_ranks_done(local_done, device, sync_across_ranks):
                     break
                 pos = plen + t  # sequence index of the token fed now
                 step_mask = ((cols <= pos)[None, :] & real)[:, None, :]
@@ -185,31 +185,6 @@ def _last_logits(output) -> torch.Tensor:
     if isinstance(output, (list, tuple)):
         output = output[-1]
     return output[:, -1].float()
-
-
-def _sample(logits, temperature, top_k, top_p, generator) -> torch.Tensor:
-    if temperature == 0.0:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        mass_before = probs.cumsum(-1) - probs  # mass of strictly more likely tokens
-        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def _all_done(local_done: bool, distributed: bool, device: torch.device) -> bool:
-    if not distributed:
-        return local_done
-    running = torch.tensor([0 if local_done else 1], dtype=torch.int32, device=device)
-    dist.all_reduce(running, op=dist.ReduceOp.MAX)
-    return running.item() == 0
 
 
 def _cut_at_eos(row: List[int], eos: set) -> List[int]:

@@ -23,6 +23,7 @@ from transformers import (
 )
 
 from distillm_tune.models import LoRASettings, family_for
+from distillm_tune.generation import sample_next_token
 from distillm_tune.models import t5 as t5_port
 
 VOCAB, D_MODEL = 133, 32
@@ -161,7 +162,7 @@ def test_sampling_options(tmp_path):
     # top_p keeps the smallest set reaching p: a tiny p leaves only the argmax
     assert torch.equal(sample(1, top_p=1e-6), greedy)
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
-    picks = {int(t5_port.sample_next_token(logits, top_k=2, generator=torch.Generator().manual_seed(s)))
+    picks = {int(sample_next_token(logits, top_k=2, generator=torch.Generator().manual_seed(s)))
              for s in range(40)}
     assert picks == {0, 1}
 

@@ -6,7 +6,8 @@ import torch
 from torchtune.models.llama2 import llama2
 
 from distillm_tune.data.collate import collate_prompt_response
-from distillm_tune.sgo.sampler import _sample, generate_responses
+from distillm_tune.generation import sample_next_token
+from distillm_tune.sgo.sampler import generate_responses
 
 VOCAB, PAD = 67, 0
 PROMPTS = [[5, 9, 13], [7, 3, 22, 40, 41, 8, 11], [60], [33, 12, 19, 2, 50]]
@@ -75,7 +76,7 @@ def test_top_k_and_top_p_support():
     g = torch.Generator().manual_seed(0)
 
     def support(**kw):
-        return set(_sample(logits, kw.pop("temperature", 1.0), kw.get("top_k"), kw.get("top_p", 1.0), g).tolist())
+        return set(sample_next_token(logits, kw.pop("temperature", 1.0), kw.get("top_k"), kw.get("top_p", 1.0), g).tolist())
 
     assert support() == {0, 1, 2, 3}
     assert support(top_k=2) == {1, 3}

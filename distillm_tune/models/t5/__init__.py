@@ -12,7 +12,6 @@ from distillm_tune.models.t5._model import (
     T5DecoderLayer,
     T5EncoderDecoder,
     generate_seq2seq,
-    sample_next_token,
 )
 from distillm_tune.models.t5._model_builders import (
     build,
@@ -54,7 +53,7 @@ T5_FAMILY = register(
 __all__ = [
     "T5Attention", "T5DecoderLayer", "T5EncoderDecoder", "T5Tokenizer", "T5_FAMILY", "build",
     "generate_seq2seq", "hf_to_tune", "key_map", "load_t5_tokenizer", "lora_t5", "lora_to_peft",
-    "real_vocab_size", "sample_next_token", "t5", "t5_kwargs_from_hf_config", "tune_to_hf",
+    "real_vocab_size", "t5", "t5_kwargs_from_hf_config", "tune_to_hf",
     "lora_mt5_base", "lora_mt5_large", "lora_mt5_small", "lora_mt5_xl", "lora_t5_v1_1_base",
     "lora_t5_v1_1_large", "lora_t5_v1_1_small", "lora_t5_v1_1_xl", "mt5_base", "mt5_large",
     "mt5_small", "mt5_xl", "t5_v1_1_base", "t5_v1_1_large", "t5_v1_1_small", "t5_v1_1_xl",

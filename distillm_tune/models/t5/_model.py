@@ -24,6 +24,8 @@ from torch import nn
 from torchtune.modules import MultiHeadAttention
 from torchtune.modules.common_utils import local_kv_cache
 
+from distillm_tune.generation import all_ranks_done, sample_next_token
+
 
 def _t5_attention_call(q, k, v, mask, dropout_p, is_causal):
     # T5 folds the 1/sqrt(d) scaling into its weights: scores are plain q.k + bias.
@@ -215,33 +217,16 @@ class T5EncoderDecoder(nn.Module):
             layer.reset_cache()
 
 
-def sample_next_token(logits, temperature=1.0, top_k=None, top_p=1.0, generator=None, greedy=False):
-    """Next ids ``[B]`` from logits ``[B, V]``: argmax when greedy or temperature == 0, else
-    temperature -> top-k -> top-p (nucleus, HF's tie rule) -> multinomial."""
-    if greedy or temperature == 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        probs = sorted_logits.softmax(-1)
-        mass_above = probs.cumsum(-1) - probs  # probability of strictly better-ranked tokens
-        sorted_logits = sorted_logits.masked_fill(mass_above >= top_p, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
-
-
 @torch.no_grad()
 def generate_seq2seq(model: T5EncoderDecoder, input_ids, encoder_padding_mask=None, max_new_tokens=128,
                      decoder_start_token_id=0, eos_id=1, pad_id=0, temperature=1.0, greedy=False,
-                     top_k=None, top_p=1.0, generator=None) -> torch.Tensor:
+                     top_k=None, top_p=1.0, generator=None, sync_across_ranks=True) -> torch.Tensor:
     """Generated ids ``[B, n]`` (n <= max_new_tokens; start token not included), ``pad_id``
     after each row's EOS; stops early once every row has emitted EOS (like HF ``generate``).
 
     Encodes once; the first decoder step fills the cross-attention caches, later steps feed one
-    token and reuse every cached K/V. Runs in eval mode and restores the previous mode.
+    token and reuse every cached K/V. Runs in eval mode and restores the previous mode. Under
+    torch.distributed (``sync_across_ranks``) all ranks stop at the same step (FSDP lockstep).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -262,7 +247,7 @@ def generate_seq2seq(model: T5EncoderDecoder, input_ids, encoder_padding_mask=No
                 nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
                 out.append(nxt)
                 done = done | (nxt == eos_id)
-                if bool(done.all()):
+                if all_ranks_done(bool(done.all()), input_ids.device, sync_across_ranks):
                     break
                 tokens = nxt[:, None]
     finally:
