@@ -22,7 +22,6 @@ import math
 import os
 import sys
 import time
-from functools import partial
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -30,11 +29,10 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchtune import config, training, utils
-from torchtune.modules import TransformerSelfAttentionLayer
 from torchtune.modules.peft import get_adapter_params, set_trainable_params
 from tqdm import tqdm
 
-from distillm_tune.data.collate import CROSS_ENTROPY_IGNORE_IDX, collate_prompt_response
+from distillm_tune.data.collate import CROSS_ENTROPY_IGNORE_IDX
 from distillm_tune.data.pretrain import collate_packed
 from distillm_tune.losses import Divergence
 from distillm_tune.losses.cross_entropy import cross_entropy_sum_and_count
@@ -46,10 +44,10 @@ from distillm_tune.sgo import (
     AdaptiveSGOScheduler,
     ReplayBuffer,
     choose_source,
-    generate_responses,
     shared_uniform,
 )
 from distillm_tune.training import RecipeCheckpointer, all_reduce_sum, init_process_group_for
+from distillm_tune.training.model_io import LAYER_CLASSES, model_io_for
 
 log = utils.get_logger("INFO")
 
@@ -114,6 +112,8 @@ class KDOffPolicyRecipe:
         self.student_dir = student_dir
         self.loss_fn = self._build_loss(student_dir, teacher_dir)
         self.tokenizer = load_hf_tokenizer(student_dir)
+        student_config = read_hf_config(student_dir)
+        self.io = model_io_for(family_for(student_config["model_type"]), self.tokenizer, student_config)
         if teacher_dir is not None:
             self._check_same_tokenizer(student_dir, teacher_dir)
         self.train_data, self.valid_data = self._build_data()
@@ -129,8 +129,8 @@ class KDOffPolicyRecipe:
 
         num_chunks = int(cfg.get("num_output_chunks", 8))
         for model in (self.student, self.teacher):
-            if model is not None and num_chunks > 0:
-                model.set_num_output_chunks(num_chunks)
+            if model is not None:
+                self.io.prepare(model, num_chunks)
 
         self.micro_batches_per_epoch = len(self.train_data) // (self.batch_size * self.world_size)
         steps = self.micro_batches_per_epoch // self.grad_accum
@@ -192,6 +192,13 @@ class KDOffPolicyRecipe:
         for c in (s_cfg, t_cfg):
             fam = family_for(c["model_type"])
             real.append(fam.real_vocab_size(c) if fam.real_vocab_size else c["vocab_size"])
+        s_fam, t_fam = family_for(s_cfg["model_type"]), family_for(t_cfg["model_type"])
+        if s_fam.is_encoder_decoder != t_fam.is_encoder_decoder:
+            raise _setting_error(
+                "teacher.checkpoint_dir",
+                f"teacher is a {t_cfg['model_type']} and the student a {s_cfg['model_type']}: "
+                "both must be decoder-only or both encoder-decoder",
+            )
         if real[0] != real[1]:
             raise _setting_error(
                 "teacher.checkpoint_dir",
@@ -243,6 +250,8 @@ class KDOffPolicyRecipe:
         lm = self.cfg.get("lm", None)
         if lm is None or lm.get("dataset", None) is None:
             return None, 0.0, 0
+        if self.io.is_encoder_decoder:
+            raise _setting_error("lm.dataset", "the LM term is for decoder-only students")
         if not os.path.exists(str(lm.dataset.source)):
             raise _setting_error("lm.dataset.source", f"{lm.dataset.source!r} does not exist")
         data = config.instantiate(lm.dataset, self.tokenizer)
@@ -264,13 +273,13 @@ class KDOffPolicyRecipe:
             model.requires_grad_(False)
             model.eval()
         if trainable and self.cfg.get("enable_activation_checkpointing", False):
-            training.set_activation_checkpointing(model, auto_wrap_policy={TransformerSelfAttentionLayer})
+            training.set_activation_checkpointing(model, auto_wrap_policy=set(LAYER_CLASSES))
         model.to(self.device)
         if self.distributed:
             # Teacher sharded like the student: its memory is split across ranks too.
             training.shard_model(
                 model,
-                [lambda name, m: isinstance(m, TransformerSelfAttentionLayer)],
+                [lambda name, m: isinstance(m, LAYER_CLASSES)],
                 cpu_offload=False,
                 reshard_after_forward=True,
             )
@@ -287,28 +296,14 @@ class KDOffPolicyRecipe:
         whatever the number of ranks, so runs on 1 and N processes see the same data."""
         g = self.batch_size * self.world_size
         idx = order[micro_index * g : (micro_index + 1) * g][self.rank :: self.world_size]
-        return [self.train_data[int(i)] for i in idx]
+        return [self.io.sample(self.train_data[int(i)]) for i in idx]
 
     # ------------------------------------------------------------------------------------- train
 
-    def _generate(self, samples: List[Dict[str, List[int]]]) -> List[Dict[str, List[int]]]:
-        # the sampler wants plain [B, 1, V] logits, not torchtune's list of chunks
-        chunks = self.student.num_output_chunks
-        self.student.set_num_output_chunks(0)
-        try:
-            return generate_responses(
-                self.student,
-                [s["prompt"] for s in samples],
-                max_new_tokens=self.max_new_tokens,
-                eos_ids=[self.tokenizer.eos_id],
-                pad_id=self.tokenizer.pad_id,
-                generator=self.sample_gen,
-                cache_dtype=self.dtype,
-                device=self.device,
-                **self.sgo_cfg,
-            )
-        finally:
-            self.student.set_num_output_chunks(chunks)
+    def _generate(self, samples: List[Dict[str, List[int]]], **overrides) -> List[Dict[str, List[int]]]:
+        kwargs = {**self.sgo_cfg, **overrides}
+        return self.io.generate(self.student, samples, max_new_tokens=self.max_new_tokens,
+                                generator=self.sample_gen, dtype=self.dtype, device=self.device, **kwargs)
 
     def _prepare_micro_batch(self, order: torch.Tensor, micro_index: int) -> Tuple[str, Dict[str, Any]]:
         samples = self._dataset_samples(order, micro_index)
@@ -323,18 +318,17 @@ class KDOffPolicyRecipe:
                 self.buffer.push(samples)
         elif source == "replay":
             samples = self.buffer.sample(len(samples), self.buffer_gen)
-        return source, collate_prompt_response(samples, pad_id=self.tokenizer.pad_id)
+        return source, self.io.collate(samples)
 
     def _loss_sums(self, batch: Dict[str, Any]) -> Tuple[torch.Tensor, torch.Tensor]:
         """(divergence sum, CE sum) over the batch's unmasked tokens."""
-        tokens = batch["tokens"].to(self.device)
         labels = batch["labels"].to(self.device)
-        student_logits = self.student(tokens)
+        student_logits = self.io.forward(self.student, batch, self.device)
         ce_sum, _ = cross_entropy_sum_and_count(student_logits, labels)
         if self.loss_fn is None or self.kd_ratio == 0.0:
             return torch.zeros((), device=self.device), ce_sum
         with torch.no_grad():
-            teacher_logits = self.teacher(tokens)
+            teacher_logits = self.io.forward(self.teacher, batch, self.device)
         div_sum, _ = self.loss_fn.sum_and_count(student_logits, teacher_logits, labels)
         return div_sum, ce_sum
 
@@ -456,12 +450,13 @@ class KDOffPolicyRecipe:
         n_batches = math.ceil(n / (bs * self.world_size))
         for b in range(n_batches):
             idx = list(range(n))[b * bs * self.world_size : (b + 1) * bs * self.world_size][self.rank :: self.world_size]
-            samples = [self.valid_data[i] for i in idx]
+            samples = [self.io.sample(self.valid_data[i]) for i in idx]
             dummy = not samples
-            batch = collate_prompt_response(samples or [self.valid_data[0]], pad_id=self.tokenizer.pad_id)
+            batch = self.io.collate(samples or [self.io.sample(self.valid_data[0])])
             if dummy:
                 batch["labels"].fill_(CROSS_ENTROPY_IGNORE_IDX)
-            ce_sum, count = cross_entropy_sum_and_count(self.student(batch["tokens"].to(self.device)), batch["labels"].to(self.device))
+            logits = self.io.forward(self.student, batch, self.device)
+            ce_sum, count = cross_entropy_sum_and_count(logits, batch["labels"].to(self.device))
             sums += torch.stack([ce_sum.float(), count.float()])
         all_reduce_sum(sums)
         self.student.train(was_training)
@@ -485,22 +480,14 @@ class KDOffPolicyRecipe:
 
         n = min(n_examples, len(self.valid_data))
         idx = list(range(n))[self.rank :: self.world_size] or [0]
-        out = self._generate_greedy([self.valid_data[i]["prompt"] for i in idx])
+        out = self._generate([self.io.sample(self.valid_data[i]) for i in idx], temperature=0.0)
         preds = [self.tokenizer.decode([t for t in s["response"] if t != self.tokenizer.eos_id]).strip() for s in out]
-        refs = [list(self.valid_data.examples[i].references) for i in idx]
+        refs = [self.io.references(self.valid_data, i) for i in idx]
         local = torch.tensor([rouge_l(preds, refs) * len(idx), float(len(idx))], device=self.device)
         if self.rank >= n:
             local.zero_()
         all_reduce_sum(local)
         return float(local[0] / local[1].clamp(min=1.0))
-
-    def _generate_greedy(self, prompts: List[List[int]]):
-        saved = dict(self.sgo_cfg)
-        self.sgo_cfg.update(temperature=0.0)
-        try:
-            return self._generate([{"prompt": p} for p in prompts])
-        finally:
-            self.sgo_cfg = saved
 
     # ------------------------------------------------------------------------------ checkpoints
 

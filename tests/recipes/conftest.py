@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY_CONFIG = os.path.join(REPO, "configs", "tiny_cpu.yaml")
+TINY_T5_CONFIG = os.path.join(REPO, "configs", "tiny_t5_cpu.yaml")
 
 # Small and fast: 3 optimizer steps of 8 samples, short generations.
 FAST = [
@@ -29,17 +30,26 @@ def tiny_assets(tmp_path_factory):
     return str(out)
 
 
-def make_cfg(assets_dir, output_dir, *overrides):
-    cfg = OmegaConf.load(TINY_CONFIG)
+@pytest.fixture(scope="session")
+def tiny_seq2seq_assets(tmp_path_factory):
+    from distillm_tune.scripts.make_tiny_assets import make_tiny_seq2seq_assets
+
+    out = tmp_path_factory.mktemp("s2s_assets")
+    make_tiny_seq2seq_assets(str(out), train=96, valid=16, test=16)
+    return str(out)
+
+
+def make_cfg(assets_dir, output_dir, *overrides, config=TINY_CONFIG):
+    cfg = OmegaConf.load(config)
     dotlist = [f"assets_dir={assets_dir}", f"output_dir={output_dir}", *FAST, *overrides]
     return OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotlist))
 
 
-def run_recipe(assets_dir, output_dir, *overrides):
+def run_recipe(assets_dir, output_dir, *overrides, config=TINY_CONFIG):
     """Run the recipe in this process; returns (recipe, metrics rows)."""
     from distillm_tune.recipes.kd_offpolicy import KDOffPolicyRecipe
 
-    recipe = KDOffPolicyRecipe(make_cfg(assets_dir, output_dir, *overrides))
+    recipe = KDOffPolicyRecipe(make_cfg(assets_dir, output_dir, *overrides, config=config))
     recipe.setup()
     recipe.train()
     recipe.cleanup()
