@@ -267,3 +267,27 @@ def test_lm_term_on_pretraining_text(tiny_assets, tmp_path):
         logits = AutoModelForCausalLM.from_pretrained(recipe.student_dir)(blocks["tokens"]).logits
     ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), blocks["labels"].reshape(-1))
     assert rows[0]["loss_lm"] == pytest.approx(float(ce), rel=1e-5)
+
+
+def test_activation_checkpointing_gives_the_same_training(tiny_assets, tmp_path):
+    _, plain = run_recipe(tiny_assets, str(tmp_path / "plain"), "method=distillm", "sgo.phi0=1.0")
+    _, ac = run_recipe(tiny_assets, str(tmp_path / "ac"), "method=distillm", "sgo.phi0=1.0",
+                       "enable_activation_checkpointing=true")
+    for a, b in zip(ac, plain):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+    wa, wb = _hf_weights(tmp_path / "ac"), _hf_weights(tmp_path / "plain")
+    for k in wb:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_models_train_with_fp32_losses(tiny_assets, tmp_path):
+    recipe, rows = run_recipe(tiny_assets, str(tmp_path), "method=distillm", "sgo.phi0=1.0", "dtype=bf16")
+    assert next(recipe.student.parameters()).dtype == torch.bfloat16
+    assert next(recipe.teacher.parameters()).dtype == torch.bfloat16
+    for r in rows:
+        assert torch.isfinite(torch.tensor([r["loss"], r["loss_ce"], r["grad_norm"]])).all()
+    # on the same (dataset) batch, bf16 models give the fp32 loss up to bf16 rounding
+    _, kd16 = run_recipe(tiny_assets, str(tmp_path / "kd16"), "method=kd", "dtype=bf16")
+    _, kd32 = run_recipe(tiny_assets, str(tmp_path / "kd32"), "method=kd")
+    assert kd16[0]["loss"] == pytest.approx(kd32[0]["loss"], rel=0.05)
+    assert kd16[0]["loss_ce"] == pytest.approx(kd32[0]["loss_ce"], rel=0.01)
