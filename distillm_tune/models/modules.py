@@ -10,7 +10,8 @@ subclass keeps all of that working while changing only what differs.
 - :class:`PostNormSelfAttentionLayer`: torchtune's layer is pre-norm only; OPT-350m is post-norm.
 - :func:`learned_position_decoder`: the one builder GPT-2 and OPT share (they differ only in
   activation, norm placement, position offset and the embedding projections).
-- :func:`check_state_dict`: the converters' one error path (unexpected / missing / mis-shaped keys).
+- :func:`check_state_dict`: the converters' one error path (unexpected / missing / mis-shaped keys);
+  :func:`drop_tied_head`: their check that a checkpoint's ``lm_head`` really is the embedding.
 """
 
 from typing import Dict, List, Optional, Union
@@ -235,6 +236,16 @@ def learned_position_decoder(
         norm=nn.LayerNorm(embed_dim, eps=norm_eps) if final_norm else nn.Identity(),
         output=TiedLinear(tok_embeddings),
     )
+
+
+def drop_tied_head(state_dict: Dict[str, torch.Tensor], embed_key: str, what: str) -> None:
+    """Remove ``lm_head.weight`` from ``state_dict``; raise ValueError if it is not a copy of the
+    ``embed_key`` table (meta tensors are not compared)."""
+    head = state_dict.pop("lm_head.weight", None)
+    emb = state_dict.get(embed_key)
+    if head is not None and emb is not None and head.device.type != "meta" and not torch.equal(head, emb):
+        raise ValueError(f"{what} checkpoint has an lm_head.weight that differs from {embed_key}; "
+                         "only tied output heads are supported")
 
 
 def check_state_dict(given: Dict[str, torch.Tensor], expected: Dict[str, torch.Tensor],

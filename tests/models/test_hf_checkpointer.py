@@ -200,19 +200,9 @@ def test_merged_lora_export_equals_lora_model(source, batch, tmp_path):
     assert base_gap > 1e-2 and diff < ATOL
 
 
-def _peft_without_torchao(monkeypatch):
-    """PEFT >= 0.18 refuses torchao < 0.16 when dispatching LoRA layers, but torchtune 0.6.1
-    needs torchao < 0.15 (see STACK.md). No quantized layer is involved here, so tell PEFT's
-    dispatcher torchao is absent."""
-    import peft.tuners.lora.torchao as peft_torchao
-
-    monkeypatch.setattr(peft_torchao, "is_torchao_available", lambda: False)
-
-
-def test_peft_adapter_equals_lora_model(source, batch, tmp_path, monkeypatch):
+@pytest.mark.usefixtures("peft_without_torchao")
+def test_peft_adapter_equals_lora_model(source, batch, tmp_path):
     from peft import PeftModel
-
-    _peft_without_torchao(monkeypatch)
 
     src, _ = source
     base_dir = tmp_path / "base"

@@ -168,13 +168,9 @@ def test_sampling_options(tmp_path):
 
 
 @torch.no_grad()
-def test_lora_merged_export_and_peft_adapter(tmp_path, monkeypatch):
+def test_lora_merged_export_and_peft_adapter(tmp_path, request):
     peft = pytest.importorskip("peft")
-    import peft.tuners.lora.torchao as peft_torchao
-
-    # peft >= 0.18.1 raises ImportError while injecting plain LoRA when torchao < 0.16 is installed
-    # (torchtune 0.6.1 needs torchao <= 0.14); no torchao tensors are involved here.
-    monkeypatch.setattr(peft_torchao, "is_torchao_available", lambda: False)
+    request.getfixturevalue("peft_without_torchao")  # tests/conftest.py; after the skip check
     hf, config, hf_sd = _hf_checkpoint("t5_v1_1", tmp_path / "hf")
     lora = LoRASettings(lora_attn_modules=("q_proj", "k_proj", "v_proj", "output_proj"), apply_lora_to_mlp=True,
                         apply_lora_to_output=True, lora_rank=4, lora_alpha=8.0)

@@ -1,10 +1,10 @@
-"""Shared fixtures for recipe tests: tiny assets built once, and an in-process recipe runner."""
+"""Shared helpers for recipe tests: config overrides and an in-process recipe runner (the tiny
+assets are fixtures of tests/conftest.py)."""
 
 import json
 import os
 import sys
 
-import pytest
 from omegaconf import OmegaConf
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -19,24 +19,6 @@ FAST = [
     "validation.max_examples=8",
     "validation.batch_size=8",
 ]
-
-
-@pytest.fixture(scope="session")
-def tiny_assets(tmp_path_factory):
-    from distillm_tune.scripts.make_tiny_assets import make_tiny_assets
-
-    out = tmp_path_factory.mktemp("assets")
-    make_tiny_assets(str(out), train=96, valid=16, test=16)
-    return str(out)
-
-
-@pytest.fixture(scope="session")
-def tiny_seq2seq_assets(tmp_path_factory):
-    from distillm_tune.scripts.make_tiny_assets import make_tiny_seq2seq_assets
-
-    out = tmp_path_factory.mktemp("s2s_assets")
-    make_tiny_seq2seq_assets(str(out), train=96, valid=16, test=16)
-    return str(out)
 
 
 def make_cfg(assets_dir, output_dir, *overrides, config=TINY_CONFIG):

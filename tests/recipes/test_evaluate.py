@@ -21,32 +21,17 @@ CONFIG = os.path.join(REPO, "configs", "evaluate_tiny.yaml")
 SEEDS = [10, 20, 30, 40, 50]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """2 shared cores: a second intra-op thread makes tiny-model steps 100x slower under load."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    from distillm_tune.scripts.make_tiny_assets import make_tiny_assets
-
-    out = tmp_path_factory.mktemp("eval_assets")
-    make_tiny_assets(str(out), train=30, valid=10, test=12)
-    return str(out)
-
-
-@pytest.fixture(scope="module")
-def cli_run(assets, tmp_path_factory):
+def cli_run(small_assets, tmp_path_factory):
     """The user's command line, run once; returns the output directory."""
     out = str(tmp_path_factory.mktemp("eval_cli"))
     tune = shutil.which("tune")
     launcher = [tune] if tune else [sys.executable, "-m", "torchtune._cli.tune"]
     cmd = launcher + ["run", "distillm_tune/recipes/evaluate", "--config",
-                      "configs/evaluate_tiny.yaml", f"assets_dir={assets}", f"output_dir={out}",
+                      "configs/evaluate_tiny.yaml", f"assets_dir={small_assets}", f"output_dir={out}",
                       "max_examples=8"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -107,27 +92,27 @@ def test_rouge_l_equals_rouge_score_recomputation(cli_run):
     assert m["std"] == pytest.approx(np.std(per_seed), abs=1e-9)
 
 
-def test_same_seed_gives_same_generations(cli_run, assets, tmp_path):
+def test_same_seed_gives_same_generations(cli_run, small_assets, tmp_path):
     # Another process, seed 30 alone (not after 10 and 20): each seed has its own generator.
-    _, again = _run_in_process(assets, tmp_path, seeds=[30])
+    _, again = _run_in_process(small_assets, tmp_path, seeds=[30])
     first = [g for g in _generations(cli_run) if g["seed"] == 30]
     assert [g["generation"] for g in again] == [g["generation"] for g in first]
     by_seed = {s: [g["generation"] for g in _generations(cli_run) if g["seed"] == s] for s in SEEDS}
     assert by_seed[10] != by_seed[20]  # the seed really drives the sampling
 
 
-def test_greedy_equals_uncached_argmax_loop(assets, tmp_path):
+def test_greedy_equals_uncached_argmax_loop(small_assets, tmp_path):
     from distillm_tune.models.hf import load_hf, load_hf_tokenizer
 
-    data = os.path.join(assets, "data", "test.jsonl")
+    data = os.path.join(small_assets, "data", "test.jsonl")
     results, gens = _run_in_process(
-        assets, tmp_path, max_examples=3, batch_size=3, greedy_max_new_tokens=20,
+        small_assets, tmp_path, max_examples=3, batch_size=3, greedy_max_new_tokens=20,
         datasets=[{"name": "greedy", "path": data, "kind": "summarization"}])
     res = results["datasets"]["greedy"]
     assert (res["decoding"], list(res["metrics"]["rougeL"]["per_seed"])) == ("greedy", ["greedy"])
     assert res["metrics"]["rougeL"]["std"] == 0.0 and [g["seed"] for g in gens] == [None] * 3
 
-    student = os.path.join(assets, "student")
+    student = os.path.join(small_assets, "student")
     model, tok = load_hf(student).eval(), load_hf_tokenizer(student)
     lengths = set()
     for g in gens:
@@ -144,16 +129,16 @@ def test_greedy_equals_uncached_argmax_loop(assets, tmp_path):
     assert len(lengths) > 1  # the batch really was left-padded
 
 
-def test_missing_paths_name_the_config_key(assets, tmp_path):
+def test_missing_paths_name_the_config_key(small_assets, tmp_path):
     from distillm_tune.recipes.evaluate import EvaluateRecipe
 
-    base = OmegaConf.merge(OmegaConf.load(CONFIG), {"assets_dir": assets, "output_dir": str(tmp_path)})
+    base = OmegaConf.merge(OmegaConf.load(CONFIG), {"assets_dir": small_assets, "output_dir": str(tmp_path)})
     with pytest.raises(FileNotFoundError, match="model_dir"):
         EvaluateRecipe(OmegaConf.merge(base, {"model_dir": str(tmp_path / "nope")}))
     bad = [{"name": "x", "path": str(tmp_path / "nope.jsonl"), "kind": "instruction"}]
     with pytest.raises(FileNotFoundError, match=r"datasets\[0\]\.path"):
         EvaluateRecipe(OmegaConf.merge(base, {"datasets": bad}))
-    bad = [{"name": "x", "path": os.path.join(assets, "data", "test.jsonl"), "kind": "qa"}]
+    bad = [{"name": "x", "path": os.path.join(small_assets, "data", "test.jsonl"), "kind": "qa"}]
     with pytest.raises(ValueError, match=r"datasets\[0\]\.kind"):
         EvaluateRecipe(OmegaConf.merge(base, {"datasets": bad}))
     with pytest.raises(ValueError, match="positions"):  # the tiny GPT-2 has 256 positions

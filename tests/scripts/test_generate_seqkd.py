@@ -14,22 +14,7 @@ from distillm_tune.sgo.sampler import generate_responses
 MAX_SEQ_LEN = 80
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """2 shared cores: a second intra-op thread makes tiny-model steps 100x slower under load."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    from distillm_tune.scripts.make_tiny_assets import make_tiny_assets
-
-    out = tmp_path_factory.mktemp("seqkd_assets")
-    make_tiny_assets(str(out), train=30, valid=10, test=12)
-    return str(out)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _read(path):
@@ -37,8 +22,8 @@ def _read(path):
         return [json.loads(line) for line in f]
 
 
-def test_rows_are_dolly_format_and_equal_direct_sampling(assets, tmp_path):
-    teacher, data = os.path.join(assets, "teacher"), os.path.join(assets, "data", "train.jsonl")
+def test_rows_are_dolly_format_and_equal_direct_sampling(small_assets, tmp_path):
+    teacher, data = os.path.join(small_assets, "teacher"), os.path.join(small_assets, "data", "train.jsonl")
     tok = load_hf_tokenizer(teacher)
     examples, _ = load_dolly_rows(data)
     lengths = [len(tok.encode(ex.prompt, add_bos=True)) for ex in examples]
@@ -80,8 +65,8 @@ def test_rows_are_dolly_format_and_equal_direct_sampling(assets, tmp_path):
     assert [ex.reference for ex in ds.examples] == [r["response"] for r in rows]
 
 
-def test_counts_and_errors(assets, tmp_path):
-    teacher, data = os.path.join(assets, "teacher"), os.path.join(assets, "data", "train.jsonl")
+def test_counts_and_errors(small_assets, tmp_path):
+    teacher, data = os.path.join(small_assets, "teacher"), os.path.join(small_assets, "data", "train.jsonl")
     out = str(tmp_path / "a.jsonl")
     main(["--model-dir", teacher, "--data", data, "--out", out, "--max-prompt-len", "10",
           "--max-seq-len", "20", "--device", "cpu"])  # the CLI; every prompt is over budget

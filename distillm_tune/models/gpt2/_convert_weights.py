@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Tuple
 import torch
 
 from distillm_tune.models._registry import LoRASettings, StateDict
-from distillm_tune.models.modules import check_state_dict
+from distillm_tune.models.modules import check_state_dict, drop_tied_head
 
 _PREFIX = "transformer."
 _BUFFER = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")
@@ -43,11 +43,7 @@ def _normalise_hf(state_dict: StateDict) -> StateDict:
         key = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
         if not _BUFFER.match(key):
             out[key] = value
-    head = out.pop("lm_head.weight", None)
-    wte = out.get("wte.weight")
-    if head is not None and wte is not None and head.device.type != "meta" and not torch.equal(head, wte):
-        raise ValueError("GPT-2 checkpoint has an lm_head.weight that differs from wte.weight; "
-                         "only tied output heads are supported")
+    drop_tied_head(out, "wte.weight", "GPT-2")
     return out
 
 

@@ -3,7 +3,7 @@
 from typing import Any, Dict, List, Optional
 
 from distillm_tune.models._registry import LoRASettings
-from distillm_tune.models.gpt2._component_builders import gpt2, lora_gpt2
+from distillm_tune.models.gpt2._component_builders import _gpt2, gpt2, lora_gpt2
 from distillm_tune.models.modules import LearnedPositionDecoder
 
 # name: (layers, dim, heads); vocab 50257, 1024 positions, head_dim 64 for all.
@@ -95,8 +95,4 @@ def gpt2_from_hf_config(config: Dict[str, Any], lora: Optional[LoRASettings] = N
         resid_dropout=config.get("resid_pdrop", 0.0),
         embed_dropout=config.get("embd_pdrop", 0.0),
     )
-    if lora is None:
-        return gpt2(**kwargs)
-    return lora_gpt2(list(lora.lora_attn_modules), lora.apply_lora_to_mlp, lora.apply_lora_to_output,
-                     lora_rank=lora.lora_rank, lora_alpha=lora.lora_alpha,
-                     lora_dropout=lora.lora_dropout, **kwargs)
+    return _gpt2(lora=lora, **kwargs)

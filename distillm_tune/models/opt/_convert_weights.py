@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Tuple
 import torch
 
 from distillm_tune.models._registry import LoRASettings, StateDict
-from distillm_tune.models.modules import check_state_dict
+from distillm_tune.models.modules import check_state_dict, drop_tied_head
 
 _PREFIXES = ("model.decoder.", "decoder.")
 _OUT_PREFIX = "model.decoder."
@@ -50,11 +50,7 @@ def _normalise_hf(state_dict: StateDict) -> StateDict:
                 key = key[len(prefix):]
                 break
         out[key] = value
-    head = out.pop("lm_head.weight", None)
-    emb = out.get("embed_tokens.weight")
-    if head is not None and emb is not None and head.device.type != "meta" and not torch.equal(head, emb):
-        raise ValueError("OPT checkpoint has an lm_head.weight that differs from embed_tokens.weight; "
-                         "only tied output heads are supported")
+    drop_tied_head(out, "embed_tokens.weight", "OPT")
     return out
 
 

@@ -4,7 +4,7 @@ from typing import Any, Dict, List, Optional
 
 from distillm_tune.models._registry import LoRASettings
 from distillm_tune.models.modules import LearnedPositionDecoder
-from distillm_tune.models.opt._component_builders import lora_opt, opt
+from distillm_tune.models.opt._component_builders import _opt, lora_opt, opt
 
 # name: (layers, dim, heads, ffn, word_embed_dim, pre_norm); vocab 50272 rows, 2048 positions.
 _SIZES = {
@@ -104,11 +104,7 @@ def opt_from_hf_config(config: Dict[str, Any], lora: Optional[LoRASettings] = No
         attn_dropout=config.get("attention_dropout", 0.0),
         resid_dropout=config.get("dropout", 0.0),
     )
-    if lora is None:
-        return opt(**kwargs)
-    return lora_opt(list(lora.lora_attn_modules), lora.apply_lora_to_mlp, lora.apply_lora_to_output,
-                    lora_rank=lora.lora_rank, lora_alpha=lora.lora_alpha,
-                    lora_dropout=lora.lora_dropout, **kwargs)
+    return _opt(lora=lora, **kwargs)
 
 
 def opt_real_vocab_size(config: Dict[str, Any]) -> int:

@@ -1,0 +1,54 @@
+"""Fixtures shared by the test folders: tiny generated assets, one intra-op thread, the peft patch.
+
+No ``from conftest import ...`` of this file: tests/recipes/conftest.py is the ``conftest`` module
+its tests import by name.
+"""
+
+import pytest
+import torch
+
+# The parity checks GPT-2 and OPT share (tests/models/decoder_parity.py): full assert messages.
+pytest.register_assert_rewrite("decoder_parity")
+
+
+def _make_assets(tmp_path_factory, name, seq2seq=False, **rows):
+    from distillm_tune.scripts import make_tiny_assets as assets
+
+    out = tmp_path_factory.mktemp(name)
+    (assets.make_tiny_seq2seq_assets if seq2seq else assets.make_tiny_assets)(str(out), **rows)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory):
+    """Tiny GPT-2 teacher/student, tokenizer and dolly-format data (96/16/16 rows)."""
+    return _make_assets(tmp_path_factory, "assets", train=96, valid=16, test=16)
+
+
+@pytest.fixture(scope="session")
+def tiny_seq2seq_assets(tmp_path_factory):
+    """Tiny mT5 teacher/student, SentencePiece tokenizer and SAMSum-format data (96/16/16 rows)."""
+    return _make_assets(tmp_path_factory, "s2s_assets", seq2seq=True, train=96, valid=16, test=16)
+
+
+@pytest.fixture(scope="session")
+def small_assets(tmp_path_factory):
+    """As ``tiny_assets`` with fewer rows (30/10/12), for evaluation and SeqKD generation."""
+    return _make_assets(tmp_path_factory, "small_assets", train=30, valid=10, test=12)
+
+
+@pytest.fixture
+def one_thread():
+    """2 shared cores: a second intra-op thread makes tiny-model steps 100x slower under load."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def peft_without_torchao(monkeypatch):
+    """peft >= 0.18.1 refuses LoRA when torchao < 0.16 is installed, and torchtune 0.6.1 needs torchao <= 0.14."""
+    import peft.tuners.lora.torchao as peft_torchao
+
+    monkeypatch.setattr(peft_torchao, "is_torchao_available", lambda: False)
