@@ -167,6 +167,7 @@ class KDOffPolicyRecipe:
         self.metric_logger = config.instantiate(cfg.metric_logger) if self.is_rank_zero else None
         self.global_step, self.epoch, self.step_in_epoch = 0, 0, 0
         self.train_time = 0.0
+        self.best_rouge = float("-inf")
         if cfg.get("resume_from_checkpoint", False):
             self._resume()
         elif self.method == "distillm":
@@ -235,7 +236,8 @@ class KDOffPolicyRecipe:
                     "seqkd_data", "method=seqkd needs seqkd_data=<jsonl of teacher responses written by "
                     "python -m distillm_tune.scripts.generate_seqkd>",
                 )
-            train_cfg = OmegaConf.merge(train_cfg, {"source": cfg.seqkd_data})
+            # the teacher's responses to the training prompts: all of them are training data
+            train_cfg = OmegaConf.merge(train_cfg, {"source": cfg.seqkd_data, "split": "all"})
         for setting, dcfg in (("dataset.source", train_cfg), ("validation.dataset.source", cfg.validation.dataset)):
             if not os.path.exists(str(dcfg.source)):
                 raise _setting_error(setting, f"{dcfg.source!r} does not exist")
@@ -418,6 +420,10 @@ class KDOffPolicyRecipe:
                     self.step_in_epoch = 0
                 if (val_every and self.global_step % int(val_every) == 0) or (end_of_epoch and not val_every):
                     metrics.update(self._validate())
+                    if metrics.get("val_rouge_l", float("-inf")) > self.best_rouge:
+                        # the paper reports the checkpoint with the best validation ROUGE-L
+                        self.best_rouge = metrics["val_rouge_l"]
+                        self.export("hf_model_best", "peft_adapter_best")
                 self.train_time += time.perf_counter() - t0
                 metrics["train_time"] = self.train_time
                 if self.metric_logger is not None and (self.global_step % log_every == 0 or "val_loss" in metrics):
@@ -479,13 +485,17 @@ class KDOffPolicyRecipe:
         from distillm_tune.eval.metrics import rouge_l
 
         n = min(n_examples, len(self.valid_data))
-        idx = list(range(n))[self.rank :: self.world_size] or [0]
-        out = self._generate([self.io.sample(self.valid_data[i]) for i in idx], temperature=0.0)
-        preds = [self.tokenizer.decode([t for t in s["response"] if t != self.tokenizer.eos_id]).strip() for s in out]
-        refs = [self.io.references(self.valid_data, i) for i in idx]
-        local = torch.tensor([rouge_l(preds, refs) * len(idx), float(len(idx))], device=self.device)
-        if self.rank >= n:
-            local.zero_()
+        bs = int(self.cfg.validation.get("batch_size", self.batch_size))
+        local = torch.zeros(2, device=self.device)
+        # batches of validation.batch_size per rank, the same number on every rank (lockstep)
+        for b in range(math.ceil(n / (bs * self.world_size))):
+            idx = list(range(n))[b * bs * self.world_size : (b + 1) * bs * self.world_size][self.rank :: self.world_size]
+            out = self._generate([self.io.sample(self.valid_data[i]) for i in (idx or [0])], temperature=0.0)
+            if not idx:
+                continue
+            preds = [self.tokenizer.decode([t for t in s["response"] if t != self.tokenizer.eos_id]).strip() for s in out]
+            refs = [self.io.references(self.valid_data, i) for i in idx]
+            local += torch.tensor([rouge_l(preds, refs) * len(idx), float(len(idx))], device=self.device)
         all_reduce_sum(local)
         return float(local[0] / local[1].clamp(min=1.0))
 
@@ -515,6 +525,7 @@ class KDOffPolicyRecipe:
                 "epoch": self.epoch,
                 "step_in_epoch": self.step_in_epoch,
                 "train_time": self.train_time,
+                "best_rouge": self.best_rouge,
                 "scheduler": self.scheduler.state_dict(),
                 "lr_scheduler": self.lr_scheduler.state_dict(),
                 "policy_gen": self.policy_gen.get_state(),
@@ -561,7 +572,7 @@ class KDOffPolicyRecipe:
         self.scheduler.load_state_dict(rs["scheduler"])
         self.policy_gen.set_state(rs["policy_gen"])
         self.global_step, self.epoch, self.step_in_epoch = rs["global_step"], rs["epoch"], rs["step_in_epoch"]
-        self.train_time = rs["train_time"]
+        self.train_time, self.best_rouge = rs["train_time"], rs["best_rouge"]
         r = state["rank"]
         self.buffer.load_state_dict(r["buffer"])
         self.sample_gen.set_state(r["sample_gen"])
@@ -572,8 +583,9 @@ class KDOffPolicyRecipe:
         if self.is_rank_zero:
             log.info(f"resumed from {path} at step {self.global_step} (epoch {self.epoch})")
 
-    def export(self) -> None:
-        """The distilled student in Hugging Face format (merged), plus a PEFT adapter with LoRA."""
+    def export(self, name: str = "hf_model", adapter_name: str = "peft_adapter") -> None:
+        """The student in Hugging Face format (merged) in ``output_dir/name``, plus a PEFT
+        adapter in ``output_dir/adapter_name`` with LoRA. Collective under FSDP."""
         full = (
             training.gather_cpu_state_dict(self.student, self.is_rank_zero)
             if self.distributed
@@ -581,13 +593,13 @@ class KDOffPolicyRecipe:
         )
         if not self.is_rank_zero:
             return
-        out = os.path.join(self.output_dir, "hf_model")
+        out = os.path.join(self.output_dir, name)
         rank_alpha = None if self.lora is None else (self.lora.lora_rank, self.lora.lora_alpha)
         save_hf_state_dict(full, out, self.student_dir, lora_rank_alpha=rank_alpha)
         log.info(f"exported the student in Hugging Face format to {out}")
         if self.lora is not None:
             adapter = {k: v for k, v in full.items() if ".lora_a." in k or ".lora_b." in k}
-            save_peft_adapter_state_dict(adapter, os.path.join(self.output_dir, "peft_adapter"), self.student_dir, self.lora)
+            save_peft_adapter_state_dict(adapter, os.path.join(self.output_dir, adapter_name), self.student_dir, self.lora)
 
     def cleanup(self) -> None:
         if self.metric_logger is not None:

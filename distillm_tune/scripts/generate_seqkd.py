@@ -87,7 +87,9 @@ def generate_seqkd(model_dir: str, data: str, out: str, batch_size: int = 16,
     for start in tqdm(range(0, len(kept), batch_size), desc="seqkd", file=sys.stderr):
         batch = kept[start : start + batch_size]
         samples = generate_responses(
-            model, [ids for _, ids in batch], max_new_tokens=max_seq_len - max_prompt_len,
+            # one token short of the budget: the training dataset appends EOS to a response
+            # that ran to the limit, and it must still fit in max_seq_len
+            model, [ids for _, ids in batch], max_new_tokens=max_seq_len - max_prompt_len - 1,
             eos_ids=[eos], pad_id=tokenizer.pad_id, temperature=temperature, top_p=top_p,
             generator=generator)
         for (ex, _), sample in zip(batch, samples):

@@ -291,3 +291,25 @@ def test_bf16_models_train_with_fp32_losses(tiny_assets, tmp_path):
     _, kd32 = run_recipe(tiny_assets, str(tmp_path / "kd32"), "method=kd")
     assert kd16[0]["loss"] == pytest.approx(kd32[0]["loss"], rel=0.05)
     assert kd16[0]["loss_ce"] == pytest.approx(kd32[0]["loss_ce"], rel=0.01)
+
+
+def test_validation_rouge_is_logged_and_the_best_student_exported(tiny_assets, tmp_path):
+    """Validation every step with ROUGE-L on 6 rows in batches of 4: each logged value equals a
+    direct rouge_score computation on the same greedy generations; hf_model_best holds the best."""
+    from rouge_score import rouge_scorer
+
+    from distillm_tune.models import load_hf, load_hf_tokenizer
+    from distillm_tune.sgo import generate_responses
+
+    recipe, rows = run_recipe(tiny_assets, str(tmp_path), "method=kd", "validation.every_n_steps=1",
+                              "validation.rouge_examples=6", "validation.batch_size=4", "optimizer.lr=3e-3")
+    scores = [r["val_rouge_l"] for r in rows]
+    assert len(scores) == 3
+    best_dir = os.path.join(tmp_path, "hf_model_best")
+    model, tok = load_hf(best_dir).eval(), load_hf_tokenizer(best_dir)
+    out = generate_responses(model, [recipe.valid_data[i]["prompt"] for i in range(6)], max_new_tokens=8,
+                             eos_ids=[tok.eos_id], pad_id=tok.pad_id, temperature=0.0)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    direct = [max(scorer.score(ref, tok.decode([t for t in o["response"] if t != tok.eos_id]).strip())["rougeL"].fmeasure
+                  for ref in recipe.valid_data.examples[i].references) * 100 for i, o in enumerate(out)]
+    assert sum(direct) / 6 == pytest.approx(max(scores), abs=1e-6)
