@@ -1,0 +1,714 @@
+"""CPU-scale reproduction of the paper's Tab. 1 (divergences), Tab. 2 (SGO policies) and Fig. 7 /
+Tab. 9 (training time relative to KD). Driven by ``recipes/reproduce_cpu.sh``; three commands:
+
+    python -m distillm_tune.scripts.reproduce prepare OUT_DIR [--sft-steps 250 --teacher-epochs 8 ...]
+    python -m distillm_tune.scripts.reproduce train OUT_DIR --seed 1 --runs "fkl srkl distillm" \\
+        [--steps 125 --epochs 10 --jsd-beta 0.1 --phi0 0.2 --tolerance 0.1 --train-args "k=v ..."]
+    python -m distillm_tune.scripts.reproduce summarize OUT_DIR [--out docs/reproduction.md]
+
+``prepare`` builds the offline tiny assets (``make_tiny_assets``: small instruction tasks with
+checkable answers, GPT-2 teacher 4 x 128 and student 2 x 64) and trains, once, the SFT teacher and
+the SFT student that every distillation run starts from (as ``scripts/demo.py`` does, with more
+steps), then scores both on the test split. ``train`` runs the distillation runs of ``--runs`` for
+one training seed, each from that teacher into that student with the same number of steps, and
+scores each final student on the test split. ``summarize`` aggregates every finished run into a
+Markdown report with the paper's numbers side by side, a JSON file of the same numbers and two PNG
+plots named after the report (``<report>_val_rouge.png``, ``<report>_time.png``).
+
+The runs (``RUNS``; the paper's rows they stand for):
+
+========================  =================================================  =====================
+run                       recipe overrides                                   paper
+========================  =================================================  =====================
+``fkl``                   ``method=kd`` (forward KL, fixed data) = **KD**    Tab. 1 KLD; time = 1
+``rkl``                   ``method=kd loss=ReverseKLLoss``                   Tab. 1 RKLD
+``jsd``                   ``method=kd loss=JSDLoss(beta=--jsd-beta)``        Tab. 1 Generalized JSD
+``skl``                   ``method=kd loss=SkewForwardKLLoss(alpha=0.1)``    Tab. 1 SKL
+``srkl``                  ``method=kd loss=SkewReverseKLLoss(alpha=0.1)``    Tab. 1 / 2 SRKL
+``srkl_onpolicy``         ``method=imitkd`` + SRKL                           Tab. 2 On-policy
+``srkl_mixed``            ``method=gkd sgo.gkd_sgo_prob=0.5`` + SRKL         Tab. 2 Mixed
+``srkl_adaptive``         ``method=distillm sgo.buffer_size=1`` (SRKL)       Tab. 2 Adaptive
+``distillm``              ``method=distillm`` (SRKL, replay buffer 1000)     Tab. 2 + Off-policy
+========================  =================================================  =====================
+
+Both adaptive runs use ``sgo.phi0=--phi0 sgo.tolerance=--tolerance``: default 0.2 (the OpenLLaMA
+setting of DISTILLM_SPEC §6) and the paper's 0.1 (App. C). The paper's GPT-2 setting, phi0 = 0, never
+raises phi here: in a trial (seed 1, 10 epochs x 125 steps) the validation loss of the distilled
+student fell at every validation (1.96 -> 1.74 for KD, 2.04 -> 1.79 for DistiLLM), so phi stayed 0,
+no step generated and both adaptive runs were fixed-data SRKL. ``--phi0 0`` runs that setting.
+
+``srkl_adaptive`` is the adaptive SGO scheduler without the replay buffer: with a buffer of one
+sample, which never holds a batch, ``choose_source`` turns every would-be replay step into fresh
+generation, so a step generates with probability φ and reads the dataset otherwise.
+
+Measurements per run (``OUT_DIR/runs/<run>/seed_<s>/``): the recipe's ``metrics.jsonl`` (the
+training time of a run is the sum of ``step_time``: optimizer steps including SGO generation,
+without validation, checkpointing or setup) and ``result.json``: greedy test ROUGE-L of the final
+student (``demo.greedy_rouge``), sampled test ROUGE-L over ``--eval-seeds`` with the evaluate
+recipe (the paper's protocol, temperature 1) and greedy test ROUGE-L of the student with the best
+validation ROUGE-L (``hf_model_best``; the paper reports that checkpoint). Mean and std (population,
+ddof 0, like the evaluate recipe) are over the training seeds.
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+# --------------------------------------------------------------------------------- definitions
+
+SRKL = ["loss._component_=distillm_tune.losses.SkewReverseKLLoss", "loss.alpha=0.1"]
+KD_RUN = "fkl"  # the baseline every training time is divided by
+
+
+# Knobs of the run definitions (``train --jsd-beta / --phi0 / --tolerance``). phi0 0.2: the OpenLLaMA
+# setting (DISTILLM_SPEC §6, configs/openllama_3b_lora.yaml); the paper's GPT-2 default phi0 = 0
+# leaves phi at 0 at this scale (the students' validation loss only falls), which makes both
+# adaptive runs plain fixed-data SRKL (module docstring). Tolerance: the paper's 0.1 (App. C).
+DEFAULT_PARAMS = {"jsd_beta": 0.1, "phi0": 0.2, "tolerance": 0.1}
+
+
+def _jsd(p: Dict[str, float]) -> List[str]:
+    return ["method=kd", "loss._component_=distillm_tune.losses.JSDLoss", f"loss.beta={p['jsd_beta']}"]
+
+
+def _adaptive(p: Dict[str, float]) -> List[str]:
+    return ["method=distillm", f"sgo.phi0={p['phi0']}", f"sgo.tolerance={p['tolerance']}"]
+
+
+# name -> table, label, overrides(params); in report order
+RUNS: Dict[str, Dict[str, Any]] = {
+    "fkl": {"table": 1, "label": "KLD (FKL), fixed data = KD",
+            "overrides": lambda p: ["method=kd", "loss._component_=distillm_tune.losses.ForwardKLLoss"]},
+    "rkl": {"table": 1, "label": "RKLD, fixed data",
+            "overrides": lambda p: ["method=kd", "loss._component_=distillm_tune.losses.ReverseKLLoss"]},
+    "jsd": {"table": 1, "label": "Generalized JSD, fixed data", "overrides": _jsd},
+    "skl": {"table": 1, "label": "SKL (α=0.1), fixed data",
+            "overrides": lambda p: ["method=kd", "loss._component_=distillm_tune.losses.SkewForwardKLLoss",
+                                    "loss.alpha=0.1"]},
+    "srkl": {"table": 1, "label": "SRKL (α=0.1), fixed data", "overrides": lambda p: ["method=kd"] + SRKL},
+    "srkl_onpolicy": {"table": 2, "label": "SRKL ⌞ On-policy (imitkd)",
+                      "overrides": lambda p: ["method=imitkd"] + SRKL},
+    "srkl_mixed": {"table": 2, "label": "SRKL ⌞ Mixed (gkd, p=0.5)",
+                   "overrides": lambda p: ["method=gkd", "sgo.gkd_sgo_prob=0.5"] + SRKL},
+    "srkl_adaptive": {"table": 2, "label": "SRKL ⌞ Adaptive (no replay)",
+                      "overrides": lambda p: _adaptive(p) + ["sgo.buffer_size=1"] + SRKL},
+    "distillm": {"table": 2, "label": "SRKL ⌞ Adaptive + Off-policy (DistiLLM)",
+                 "overrides": lambda p: _adaptive(p) + SRKL},
+}
+
+# The paper's numbers: GPT-2 XL -> GPT-2, Dolly eval ROUGE-L mean (std) over 5 sampling seeds
+# (Tab. 1; Tab. 2 "Skew RKLD" block), and training time relative to KD where the paper gives one.
+PAPER_ROUGE = {
+    "fkl": (23.52, 0.22), "rkl": (23.82, 0.34), "jsd": (24.34, 0.35), "skl": (24.80, 0.12),
+    "srkl": (25.21, 0.27), "srkl_onpolicy": (26.04, 0.33), "srkl_mixed": (26.01, 0.61),
+    "srkl_adaptive": (26.37, 0.21), "distillm": (26.11, 0.68),
+}
+PAPER_TIME = {
+    "fkl": ("×1 (definition)", None),
+    "srkl_onpolicy": ("2.2–3.4× DistiLLM's time (Sec. 5.2, Fig. 7)", None),
+    "srkl_mixed": ("2.2–3.4× DistiLLM's time (Sec. 5.2, Fig. 7)", None),
+    "distillm": ("×1.67 (Tab. 9, decreasing ζ); ×1.6 OpenLLaMA-3B (Fig. 5d)", 1.67),
+}
+
+# Fixed settings of every distillation run (beyond configs/tiny_cpu.yaml). The paper's lr for
+# GPT-2 students is 5e-4; validation at the end of every epoch is the paper's schedule.
+DISTIL_LR = 5e-4
+SFT_LR = 1e-3
+MAX_PROMPT_LEN, MAX_NEW_TOKENS = 64, 32  # configs/tiny_cpu.yaml: max_seq_len 96, sgo.max_new_tokens 32
+
+
+def run_names() -> List[str]:
+    return list(RUNS)
+
+
+def check_runs(names: Sequence[str]) -> List[str]:
+    names = list(names)
+    if not names:
+        raise ValueError(f"no runs given; expected some of: {' '.join(RUNS)}")
+    bad = [n for n in names if n not in RUNS]
+    if bad:
+        raise ValueError(f"unknown run(s) {' '.join(bad)}; expected some of: {' '.join(RUNS)}")
+    return names
+
+
+def run_overrides(name: str, **params: float) -> List[str]:
+    """The recipe overrides of run ``name``; ``params`` override ``DEFAULT_PARAMS``."""
+    unknown = set(params) - set(DEFAULT_PARAMS)
+    if unknown:
+        raise ValueError(f"unknown run parameter(s) {sorted(unknown)}; expected {sorted(DEFAULT_PARAMS)}")
+    return list(RUNS[check_runs([name])[0]]["overrides"]({**DEFAULT_PARAMS, **params}))
+
+
+# ---------------------------------------------------------------------------------- small utils
+
+def _write_json(path: str, data: Any) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    os.replace(path + ".tmp", path)
+
+
+def _read_json(path: str) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_metrics(path: str) -> List[Dict[str, Any]]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def mean_std(values: Sequence[float]) -> Tuple[float, float]:
+    """Population mean and std (ddof 0, as the evaluate recipe); NaN for no values."""
+    vals = [float(v) for v in values]
+    if not vals:
+        return float("nan"), float("nan")
+    m = sum(vals) / len(vals)
+    return m, math.sqrt(sum((v - m) ** 2 for v in vals) / len(vals))
+
+
+def _set_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, int(threads)))
+
+
+def _done(model_dir: str) -> bool:
+    return os.path.isfile(os.path.join(model_dir, "config.json"))
+
+
+def _fresh_dir(path: str) -> None:
+    """An unfinished run leaves a partial folder (its metrics.jsonl is appended to): start over."""
+    if os.path.exists(path):
+        print(f"removing the unfinished run in {path}", flush=True)
+        shutil.rmtree(path)
+
+
+def _check_settings(path: str, want: Dict[str, Any], what: str) -> None:
+    have = _read_json(path).get("settings", {})
+    diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
+    if diff:
+        detail = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
+        raise SystemExit(f"error: {path} was made with other settings ({detail}); runs of one OUT_DIR "
+                         f"must share {what} settings: use another OUT_DIR or delete that folder")
+
+
+# ---------------------------------------------------------------------------------- evaluation
+
+def sampled_rouge(model_dir: str, data: str, out_dir: str, seeds: Sequence[int], limit: int) -> Dict[str, Any]:
+    """The paper's protocol (spec §5) with the evaluate recipe: sample at temperature 1 once per
+    seed, ROUGE-L mean ± std over the seeds."""
+    from omegaconf import OmegaConf
+
+    from distillm_tune.recipes.evaluate import EvaluateRecipe
+
+    cfg = OmegaConf.create({
+        "model_dir": model_dir, "tokenizer_dir": None, "output_dir": out_dir,
+        "datasets": [{"name": "test", "path": data, "kind": "instruction"}],
+        "seeds": [int(s) for s in seeds], "temperature": 1.0, "top_p": 1.0,
+        "max_seq_len": MAX_PROMPT_LEN + MAX_NEW_TOKENS, "max_prompt_len": MAX_PROMPT_LEN,
+        "greedy_max_new_tokens": MAX_NEW_TOKENS, "batch_size": 32, "dtype": "fp32", "device": "cpu",
+        "max_examples": int(limit),
+    })
+    recipe = EvaluateRecipe(cfg)
+    recipe.setup()
+    summary = recipe.evaluate()
+    recipe.cleanup()
+    m = summary["datasets"]["test"]["metrics"]["rougeL"]
+    return {"mean": m["mean"], "std": m["std"], "per_seed": m["per_seed"]}
+
+
+def score_model(model_dir: str, data: str, eval_dir: str, eval_seeds: Sequence[int], limit: int) -> Dict[str, Any]:
+    from distillm_tune.scripts.demo import greedy_rouge
+
+    out = {"greedy": greedy_rouge(model_dir, data, MAX_PROMPT_LEN, MAX_NEW_TOKENS, limit)}
+    if eval_seeds:
+        out["sampled"] = sampled_rouge(model_dir, data, eval_dir, eval_seeds, limit)
+    return out
+
+
+# ---------------------------------------------------------------------------------- prepare
+
+def prepare(out: str, *, sft_steps: int, teacher_epochs: int, student_epochs: int, rouge_examples: int,
+            val_examples: int, eval_examples: int, eval_seeds: Sequence[int]) -> Dict[str, Any]:
+    """Assets, SFT teacher and SFT student (once per OUT_DIR) and their test / validation scores."""
+    from distillm_tune.scripts.demo import greedy_rouge, run
+    from distillm_tune.scripts.make_tiny_assets import make_tiny_assets
+
+    out = os.path.abspath(out)
+    settings = {"sft_steps": sft_steps, "teacher_epochs": teacher_epochs, "student_epochs": student_epochs,
+                "rouge_examples": rouge_examples, "val_examples": val_examples,
+                "eval_examples": eval_examples, "eval_seeds": list(eval_seeds)}
+    info_path = os.path.join(out, "prepare.json")
+    if os.path.isfile(info_path):
+        _check_settings(info_path, settings, "preparation")
+        print(f"skip: {info_path} exists (assets, SFT teacher and SFT student are ready)", flush=True)
+        return _read_json(info_path)
+    assets = os.path.join(out, "assets")
+    if not (_done(os.path.join(assets, "student")) and os.path.isfile(os.path.join(assets, "data", "test.jsonl"))):
+        _fresh_dir(assets)
+        make_tiny_assets(assets)
+    common = [f"assets_dir={assets}", "seed=1", f"max_steps_per_epoch={sft_steps}", "method=sft",
+              "validation.every_n_steps=null", f"validation.rouge_examples={rouge_examples}",
+              f"validation.max_examples={val_examples}", f"optimizer.lr={SFT_LR}", "keep_last_checkpoints=1"]
+    walls = {}
+    for name, init, epochs in (("teacher_sft", f"{assets}/teacher", teacher_epochs),
+                               ("student_sft", f"{assets}/student", student_epochs)):
+        d = os.path.join(out, name)
+        if _done(os.path.join(d, "hf_model")):
+            print(f"skip: {d}/hf_model exists", flush=True)
+            continue
+        _fresh_dir(d)
+        walls[name] = run(name, d, common + [f"student.checkpoint_dir={init}", f"output_dir={d}",
+                                             f"epochs={epochs}"])["wall_s"]
+    test = os.path.join(assets, "data", "test.jsonl")
+    valid = os.path.join(assets, "data", "valid.jsonl")
+    info = {"settings": settings, "assets": assets, "sft_wall_s": walls,
+            "teacher": os.path.join(out, "teacher_sft", "hf_model"),
+            "student": os.path.join(out, "student_sft", "hf_model")}
+    for who in ("teacher", "student"):
+        info[f"{who}_test"] = score_model(info[who], test, os.path.join(out, f"{who}_sft", "eval"),
+                                          eval_seeds, eval_examples)
+    # the t = 0 point of every validation curve: the recipe's validation ROUGE-L (greedy, first
+    # rouge_examples validation rows) of the SFT student all runs start from
+    info["student_val_rouge_l"] = greedy_rouge(info["student"], valid, MAX_PROMPT_LEN, MAX_NEW_TOKENS, rouge_examples)
+    _write_json(info_path, info)
+    print(f"SFT teacher test ROUGE-L {info['teacher_test']['greedy']:.2f} (greedy), SFT student "
+          f"{info['student_test']['greedy']:.2f}; wrote {info_path}", flush=True)
+    return info
+
+
+# ---------------------------------------------------------------------------------- train
+
+def train(out: str, *, seed: int, runs: Sequence[str], steps: int, epochs: int, train_args: Sequence[str],
+          jsd_beta: float = DEFAULT_PARAMS["jsd_beta"], phi0: float = DEFAULT_PARAMS["phi0"],
+          tolerance: float = DEFAULT_PARAMS["tolerance"], eval_examples: Optional[int] = None,
+          eval_seeds: Optional[Sequence[int]] = None) -> List[str]:
+    """The distillation runs of ``runs`` for one training seed; a run with result.json is skipped."""
+    from distillm_tune.scripts.demo import run
+
+    runs = check_runs(runs)
+    out = os.path.abspath(out)
+    info_path = os.path.join(out, "prepare.json")
+    if not os.path.isfile(info_path):
+        raise SystemExit(f"error: {info_path} is missing: run `reproduce prepare {out}` first")
+    info = _read_json(info_path)
+    prep = info["settings"]
+    eval_examples = prep["eval_examples"] if eval_examples is None else eval_examples
+    eval_seeds = prep["eval_seeds"] if eval_seeds is None else list(eval_seeds)
+    params = {"jsd_beta": jsd_beta, "phi0": phi0, "tolerance": tolerance}
+    settings = {"steps_per_epoch": steps, "epochs": epochs, **params, "lr": DISTIL_LR,
+                "train_args": list(train_args), "rouge_examples": prep["rouge_examples"],
+                "val_examples": prep["val_examples"], "eval_examples": eval_examples,
+                "eval_seeds": list(eval_seeds)}
+    assets = info["assets"]
+    test = os.path.join(assets, "data", "test.jsonl")
+    done = []
+    for name in runs:
+        d = os.path.join(out, "runs", name, f"seed_{seed}")
+        result_path = os.path.join(d, "result.json")
+        if os.path.isfile(result_path):
+            _check_settings(result_path, settings, "training")
+            print(f"skip: {result_path} exists", flush=True)
+            done.append(result_path)
+            continue
+        _fresh_dir(d)
+        overrides = [f"assets_dir={assets}", f"output_dir={d}", f"seed={seed}",
+                     f"student.checkpoint_dir={info['student']}", f"teacher.checkpoint_dir={info['teacher']}",
+                     f"max_steps_per_epoch={steps}", f"epochs={epochs}", f"optimizer.lr={DISTIL_LR}",
+                     "validation.every_n_steps=null", f"validation.rouge_examples={prep['rouge_examples']}",
+                     f"validation.max_examples={prep['val_examples']}", "log_every_n_steps=1",
+                     "save_every_n_steps=null", "keep_last_checkpoints=1"]
+        overrides += run_overrides(name, **params) + list(train_args)
+        r = run(f"{name} seed {seed}", d, overrides)
+        t0 = time.perf_counter()
+        final = score_model(r["hf_model"], test, os.path.join(d, "eval"), eval_seeds, eval_examples)
+        best_dir = os.path.join(d, "hf_model_best")
+        best = None
+        if _done(best_dir):
+            from distillm_tune.scripts.demo import greedy_rouge
+
+            best = greedy_rouge(best_dir, test, MAX_PROMPT_LEN, MAX_NEW_TOKENS, eval_examples)
+        shutil.rmtree(os.path.join(d, "checkpoints"), ignore_errors=True)  # resumable state, not needed
+        result = {"run": name, "seed": seed, "settings": settings, "overrides": overrides,
+                  "wall_s": r["wall_s"], "eval_s": time.perf_counter() - t0,
+                  "test_rouge_l_greedy": final["greedy"], "test_rouge_l_sampled": final.get("sampled"),
+                  "best_val_test_rouge_l_greedy": best}
+        _write_json(result_path, result)
+        print(f"{name} seed {seed}: test ROUGE-L {final['greedy']:.2f} (greedy), run {r['wall_s']:.1f} s",
+              flush=True)
+        done.append(result_path)
+    return done
+
+
+# ---------------------------------------------------------------------------------- summarize
+
+def summarize_run(seed_dirs: Dict[int, str]) -> Dict[str, Any]:
+    """Per-seed values and their mean / std for one run (``{seed: run_dir}``)."""
+    per_seed: Dict[int, Dict[str, Any]] = {}
+    for seed, d in sorted(seed_dirs.items()):
+        res = _read_json(os.path.join(d, "result.json"))
+        rows = read_metrics(os.path.join(d, "metrics.jsonl"))
+        step_rows = [r for r in rows if "step_time" in r]
+        times = [float(r["step_time"]) for r in step_rows]
+        val, elapsed = [], 0.0
+        for r in step_rows:
+            elapsed += float(r["step_time"])
+            if "val_rouge_l" in r:
+                val.append((elapsed, float(r["val_rouge_l"]), int(r["step"])))
+        sampled = res.get("test_rouge_l_sampled")
+        per_seed[seed] = {
+            "test_rouge_l_greedy": float(res["test_rouge_l_greedy"]),
+            "test_rouge_l_sampled": None if sampled is None else float(sampled["mean"]),
+            "best_val_test_rouge_l_greedy": res.get("best_val_test_rouge_l_greedy"),
+            "steps": len(step_rows),
+            "train_time_s": sum(times),
+            "step_time_s": sum(times) / len(times) if times else float("nan"),
+            "sgo_share": mean_std([r.get("source_sgo", 0.0) for r in step_rows])[0],
+            "replay_share": mean_std([r.get("source_replay", 0.0) for r in step_rows])[0],
+            "gen_time_share": (sum(r.get("gen_time_share", 0.0) * r["step_time"] for r in step_rows) / sum(times)
+                               if times and sum(times) > 0 else float("nan")),
+            "final_phi": float(step_rows[-1].get("phi", 0.0)) if step_rows else float("nan"),
+            "val_curve": val,
+        }
+    agg: Dict[str, Any] = {"seeds": sorted(per_seed), "per_seed": per_seed}
+    for key in ("test_rouge_l_greedy", "test_rouge_l_sampled", "best_val_test_rouge_l_greedy", "train_time_s",
+                "step_time_s", "sgo_share", "replay_share", "gen_time_share", "final_phi"):
+        vals = [v[key] for v in per_seed.values() if v[key] is not None]
+        agg[key] = mean_std(vals) if vals else None
+    agg["steps"] = sorted({v["steps"] for v in per_seed.values()})
+    return agg
+
+
+def collect(out: str) -> Dict[str, Dict[int, str]]:
+    """``{run: {seed: dir}}`` of every finished run (result.json and metrics.jsonl present)."""
+    found: Dict[str, Dict[int, str]] = {}
+    root = os.path.join(out, "runs")
+    if not os.path.isdir(root):
+        return found
+    for name in sorted(os.listdir(root)):
+        for sd in sorted(os.listdir(os.path.join(root, name))):
+            d = os.path.join(root, name, sd)
+            if not (sd.startswith("seed_") and os.path.isfile(os.path.join(d, "result.json"))
+                    and os.path.isfile(os.path.join(d, "metrics.jsonl"))):
+                continue
+            found.setdefault(name, {})[int(sd[len("seed_"):])] = d
+    return found
+
+
+def aggregate(out: str) -> Dict[str, Any]:
+    runs = collect(out)
+    summary: Dict[str, Any] = {"runs": {}}
+    order = [n for n in RUNS if n in runs] + sorted(n for n in runs if n not in RUNS)
+    for name in order:
+        summary["runs"][name] = summarize_run(runs[name])
+    kd = summary["runs"].get(KD_RUN)
+    for name, s in summary["runs"].items():
+        if kd is None or not kd["train_time_s"] or kd["train_time_s"][0] <= 0:
+            s["time_vs_kd"] = None
+            continue
+        kd_mean = kd["train_time_s"][0]
+        # ratio of the mean training times; its spread: the per-seed times of the run over KD's mean
+        s["time_vs_kd"] = (s["train_time_s"][0] / kd_mean, s["train_time_s"][1] / kd_mean)
+    info_path = os.path.join(out, "prepare.json")
+    summary["prepare"] = _read_json(info_path) if os.path.isfile(info_path) else None
+    settings = [_read_json(os.path.join(d, "result.json")).get("settings", {})
+                for seeds in runs.values() for d in seeds.values()]
+    summary["settings"] = settings[0] if settings else {}
+    summary["mixed_settings"] = any(s != summary["settings"] for s in settings)
+    return summary
+
+
+def _pm(ms: Optional[Tuple[float, float]], digits: int = 2) -> str:
+    if ms is None or ms[0] is None or (isinstance(ms[0], float) and math.isnan(ms[0])):
+        return "—"
+    return f"{ms[0]:.{digits}f} ± {ms[1]:.{digits}f}"
+
+
+def _paper_rouge(name: str) -> str:
+    p = PAPER_ROUGE.get(name)
+    return "—" if p is None else f"{p[0]:.2f} ({p[1]:.2f})"
+
+
+def _label(name: str) -> str:
+    return RUNS[name]["label"] if name in RUNS else name
+
+
+def _rouge_table(summary: Dict[str, Any], names: List[str]) -> List[str]:
+    n_eval = len(summary["settings"].get("eval_seeds") or [])
+    lines = ["| run | paper: Dolly ROUGE-L | test ROUGE-L, greedy | "
+             f"test ROUGE-L, sampled ({n_eval} seed{'s' if n_eval != 1 else ''}) | "
+             "best-val checkpoint, greedy | seeds | time vs KD |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name in names:
+        s = summary["runs"][name]
+        ratio = "—" if s["time_vs_kd"] is None else f"×{s['time_vs_kd'][0]:.2f}"
+        lines.append(f"| `{name}`: {_label(name)} | {_paper_rouge(name)} | {_pm(s['test_rouge_l_greedy'])} | "
+                     f"{_pm(s['test_rouge_l_sampled'])} | {_pm(s['best_val_test_rouge_l_greedy'])} | "
+                     f"{len(s['seeds'])} | {ratio} |")
+    return lines
+
+
+def render_markdown(summary: Dict[str, Any], plots: Dict[str, str], command: str) -> str:
+    runs = summary["runs"]
+    st = summary["settings"]
+    prep = summary["prepare"] or {}
+    t1 = [n for n in runs if RUNS.get(n, {}).get("table") == 1]
+    t2 = (["srkl"] if "srkl" in runs else []) + [n for n in runs if RUNS.get(n, {}).get("table") == 2]
+    other = [n for n in runs if n not in RUNS]
+    steps = sorted({x for s in runs.values() for x in s["steps"]})
+    out = ["# Reproduction at CPU scale: Tab. 1, Tab. 2 and Fig. 7 / Tab. 9 of DistiLLM", "",
+           f"Generated {time.strftime('%Y-%m-%d %H:%M')} by `{command}` (runs: `recipes/reproduce_cpu.sh`)",
+           f"({platform.machine()}, {os.cpu_count()} CPU cores visible, Python {platform.python_version()}).", ""]
+    out += ["## Setup", "",
+            "Offline tiny assets (`make_tiny_assets`: synthetic instruction tasks with checkable answers "
+            "— sort, reverse, count, add, upper-case, extract numbers — 2000 train / 200 valid / 200 test rows, "
+            "a 512-token byte-level BPE, random GPT-2s). One SFT teacher (4 layers × 128) and one SFT student "
+            "(2 × 64) are trained once; every run distils that teacher into that student with the same number "
+            "of steps, batch 8, lr 5e-4, AdamW, cosine to 1e-7, fp32, max 64 prompt + 32 new tokens.", ""]
+    if prep:
+        ps = prep.get("settings", {})
+        tt, stt = prep.get("teacher_test", {}), prep.get("student_test", {})
+
+        def _s(d):
+            g = d.get("greedy")
+            smp = d.get("sampled")
+            return (f"{g:.2f} greedy" if g is not None else "—") + (
+                f", {smp['mean']:.2f} ± {smp['std']:.2f} sampled" if smp else "")
+
+        out += [f"- SFT teacher: {ps.get('teacher_epochs')} epochs × {ps.get('sft_steps')} steps → test ROUGE-L "
+                f"{_s(tt)}.",
+                f"- SFT student (start of every run): {ps.get('student_epochs')} epochs × {ps.get('sft_steps')} "
+                f"steps → test ROUGE-L {_s(stt)}; validation ROUGE-L {prep.get('student_val_rouge_l', float('nan')):.2f}."]
+    if st:
+        out += [f"- Distillation: {st.get('epochs')} epochs × {st.get('steps_per_epoch')} steps "
+                f"(steps per run found: {', '.join(map(str, steps))}); validation at the end of every epoch "
+                f"(loss on {st.get('val_examples')} rows — it drives DistiLLM's φ — and greedy ROUGE-L on "
+                f"{st.get('rouge_examples')}); JSD β = {st.get('jsd_beta')}; extra overrides: "
+                f"{' '.join(st.get('train_args') or []) or 'none'}.",
+                f"- Test: {st.get('eval_examples')} test rows; greedy ROUGE-L of the final student; sampled "
+                f"(temperature 1) ROUGE-L averaged over evaluation seeds {st.get('eval_seeds')} (the paper's "
+                "protocol); greedy ROUGE-L of the checkpoint with the best validation ROUGE-L (the paper reports "
+                "that checkpoint). Mean ± std (ddof 0) over the training seeds."]
+    if summary.get("mixed_settings"):
+        out += ["", "**Warning: the runs of this folder were made with different settings; the comparison "
+                "below is not like for like.**"]
+    out += ["", "Paper columns: GPT-2 XL → GPT-2 (0.1B) on Dolly eval, mean (std) over 5 sampling seeds. The "
+            "absolute numbers are not comparable (other models, data and scale); compare the ordering.", ""]
+    if t1:
+        out += ["## Tab. 1: divergences on fixed data", ""] + _rouge_table(summary, t1) + [""]
+    if t2:
+        out += ["## Tab. 2: SGO policies with SRKL (α = 0.1)", ""] + _rouge_table(summary, t2) + [""]
+        out += ["Share of steps by data source (mean over steps and seeds) and φ at the end:", "",
+                "| run | fresh SGO | replay | dataset | share of step time generating | final φ |",
+                "|---|---:|---:|---:|---:|---:|"]
+        for n in t2:
+            s = runs[n]
+            sgo, rep = s["sgo_share"][0], s["replay_share"][0]
+            out.append(f"| `{n}` | {sgo:.2f} | {rep:.2f} | {1 - sgo - rep:.2f} | {s['gen_time_share'][0]:.2f} | "
+                       f"{_pm(s['final_phi'], 1)} |")
+        out += [""]
+    if other:
+        out += ["## Other runs", ""] + _rouge_table(summary, other) + [""]
+    out += ["## Fig. 7 / Tab. 9: training time relative to KD", "",
+            "Training time = sum of the recipe's `step_time` over all steps (optimizer steps including SGO "
+            "generation; validation, checkpoints and setup excluded). Ratio = mean over seeds of the run's "
+            f"time / mean of `{KD_RUN}`'s (± the std of the run's per-seed times over the same KD mean).", "",
+            "| run | time per step (ms) | training time (s) | × KD | paper |", "|---|---:|---:|---:|---|"]
+    for n in runs:
+        s = runs[n]
+        ratio = "—" if s["time_vs_kd"] is None else f"×{s['time_vs_kd'][0]:.2f} ± {s['time_vs_kd'][1]:.2f}"
+        ms = s["step_time_s"]
+        out.append(f"| `{n}` | {ms[0] * 1000:.1f} ± {ms[1] * 1000:.1f} | {_pm(s['train_time_s'], 1)} | {ratio} | "
+                   f"{PAPER_TIME.get(n, ('—', None))[0]} |")
+    if KD_RUN not in runs:
+        out += ["", f"(No `{KD_RUN}` run: the KD baseline is missing, so there are no ratios.)"]
+    out += [""]
+    for key, title in (("val_rouge", "Validation ROUGE-L against training time"),
+                       ("time", "Training time relative to KD")):
+        if key in plots:
+            out += [f"![{title}]({os.path.basename(plots[key])})", ""]
+    out += ["## How the paper's rows map onto the recipe", "",
+            "| run | recipe overrides |", "|---|---|"]
+    for n in runs:
+        if n in RUNS:
+            ov = " ".join(run_overrides(n, **{k: st[k] for k in DEFAULT_PARAMS if k in st}))
+            out.append(f"| `{n}` | `{ov}` |")
+    out += ["", "- **Adaptive (no replay)** is `method=distillm sgo.buffer_size=1`: a buffer of one sample never "
+            "holds a batch, so `choose_source` generates fresh SGO wherever it would replay; a step generates "
+            "with probability φ and reads the dataset otherwise — the adaptive SGO scheduler without the "
+            "off-policy buffer.",
+            f"- **φ0 = {st.get('phi0')}, tolerance ε = {st.get('tolerance')}** for both adaptive runs. The paper's "
+            "GPT-2 setting is φ0 = 0 (ε = 0.1); φ only rises when the validation loss rises by more than ε, and "
+            "at this scale the distilled students' validation loss falls at every validation (in a 1-seed trial "
+            "while building this script: 1.96 → 1.74 for KD, 2.04 → 1.79 for DistiLLM), so with φ0 = 0 no step "
+            "would generate and both adaptive rows would be fixed-data SRKL. φ0 = 0.2 is the OpenLLaMA setting of "
+            "DISTILLM_SPEC §6; `PHI0=0` runs the paper's. The final φ column above shows whether φ moved.",
+            "- **JSD β**: Eq. 4's convention (`m = β p + (1−β) q`). The paper's Tab. 1 JSD is GKD's setting "
+            "(\"β = 0.9\" in the text); the reference code that produced the numbers mixes m = 0.1 p + 0.9 q, "
+            "i.e. β = 0.1 here (DISTILLM_SPEC §1); `JSD_BETA` changes it.",
+            "- **Seeds**: the paper's ± is over 5 *sampling* seeds of one trained student; here it is over "
+            "training seeds (data order, policy draws, SGO sampling), all from the same SFT teacher and student.",
+            "- **Not reproduced**: the LM loss on OpenWebText the paper adds, the other four evaluation sets, "
+            "MiniLLM, model scale (the CPU students are 2 × 64 GPT-2s, so generation is a small share of a step "
+            "and SGO methods cost far less relative to KD than at GPT-2 / OpenLLaMA scale).", ""]
+    return "\n".join(out)
+
+
+def plot(summary: Dict[str, Any], path_prefix: str) -> Dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = summary["runs"]
+    prep = summary["prepare"] or {}
+    start = prep.get("student_val_rouge_l")
+    paths = {}
+    groups = [("Tab. 1: divergences, fixed data", [n for n in runs if RUNS.get(n, {}).get("table") == 1]),
+              ("Tab. 2: SGO policies with SRKL",
+               (["srkl"] if "srkl" in runs else []) + [n for n in runs if RUNS.get(n, {}).get("table") == 2]),
+              ("other", [n for n in runs if n not in RUNS])]
+    groups = [g for g in groups if g[1]]
+    if groups:
+        fig, axes = plt.subplots(1, len(groups), figsize=(6.5 * len(groups), 4.5), squeeze=False)
+        for ax, (title, names) in zip(axes[0], groups):
+            for n in names:
+                curves = [s["val_curve"] for s in runs[n]["per_seed"].values() if s["val_curve"]]
+                if not curves:
+                    continue
+                k = min(len(c) for c in curves)
+                xs = [mean_std([c[i][0] for c in curves])[0] for i in range(k)]
+                ms = [mean_std([c[i][1] for c in curves]) for i in range(k)]
+                ys, sd = [m for m, _ in ms], [s for _, s in ms]
+                if start is not None:
+                    xs, ys, sd = [0.0] + xs, [start] + ys, [0.0] + sd
+                line, = ax.plot(xs, ys, marker="o", markersize=3, label=n)
+                ax.fill_between(xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)],
+                                color=line.get_color(), alpha=0.15)
+            ax.set(xlabel="training time (s, sum of step_time)", ylabel="validation ROUGE-L (greedy)", title=title)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths["val_rouge"] = f"{path_prefix}_val_rouge.png"
+        fig.savefig(paths["val_rouge"], dpi=110)
+        plt.close(fig)
+    with_ratio = [n for n in runs if runs[n]["time_vs_kd"] is not None]
+    if with_ratio:
+        fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(with_ratio)), 4.5))
+        xs = range(len(with_ratio))
+        colors = {1: "tab:blue", 2: "tab:green"}
+        ax.bar(xs, [runs[n]["time_vs_kd"][0] for n in with_ratio],
+               yerr=[runs[n]["time_vs_kd"][1] for n in with_ratio], capsize=3,
+               color=[colors.get(RUNS.get(n, {}).get("table"), "tab:gray") for n in with_ratio],
+               label="this reproduction (mean ± std over seeds; blue fixed data, green SGO policies)")
+        px = [(i, PAPER_TIME[n][1]) for i, n in enumerate(with_ratio) if PAPER_TIME.get(n, (None, None))[1]]
+        if px:
+            ax.scatter([i for i, _ in px], [v for _, v in px], color="tab:red", marker="D", zorder=3,
+                       label="paper (Tab. 9: DistiLLM ×1.67)")
+        for i, n in enumerate(with_ratio):
+            ax.text(i, runs[n]["time_vs_kd"][0], f"×{runs[n]['time_vs_kd'][0]:.2f}", ha="center", va="bottom",
+                    fontsize=8)
+        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels(with_ratio, rotation=30, ha="right")
+        ax.set(ylabel=f"training time / {KD_RUN} (KD)", title="Training time relative to KD (Fig. 7 / Tab. 9)")
+        ax.legend(fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+        fig.tight_layout()
+        paths["time"] = f"{path_prefix}_time.png"
+        fig.savefig(paths["time"], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+def summarize(out: str, report: Optional[str] = None, make_plots: bool = True,
+              command: str = "python -m distillm_tune.scripts.reproduce summarize") -> Dict[str, Any]:
+    out = os.path.abspath(out)
+    report = os.path.abspath(report or os.path.join(out, "reproduction.md"))
+    summary = aggregate(out)
+    if not summary["runs"]:
+        raise SystemExit(f"error: no finished run under {out}/runs (each needs result.json and metrics.jsonl)")
+    os.makedirs(os.path.dirname(report), exist_ok=True)
+    prefix = os.path.splitext(report)[0]
+    plots = plot(summary, prefix) if make_plots else {}
+    text = render_markdown(summary, plots, command)
+    with open(report + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(report + ".tmp", report)
+    js = {k: v for k, v in summary.items() if k != "prepare"}
+    _write_json(prefix + ".json", js)
+    print(f"wrote {report}, {prefix}.json" + "".join(f", {p}" for p in plots.values()), flush=True)
+    return summary
+
+
+# ---------------------------------------------------------------------------------- CLI
+
+def _ints(text: str) -> List[int]:
+    return [int(x) for x in text.replace(",", " ").split()]
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prepare", help="assets, SFT teacher and SFT student")
+    p.add_argument("out")
+    p.add_argument("--sft-steps", type=int, default=250, help="steps per SFT epoch (250 = all 2000 rows)")
+    p.add_argument("--teacher-epochs", type=int, default=8)
+    p.add_argument("--student-epochs", type=int, default=4)
+    p.add_argument("--rouge-examples", type=int, default=100, help="validation rows scored with greedy ROUGE-L")
+    p.add_argument("--val-examples", type=int, default=200, help="validation rows of the validation loss")
+    p.add_argument("--eval-examples", type=int, default=200, help="test rows")
+    p.add_argument("--eval-seeds", default="10 20 30 40 50", help="sampling seeds of the test ROUGE-L ('' = greedy only)")
+    p.add_argument("--threads", type=int, default=int(os.environ.get("THREADS", "1")))
+    t = sub.add_parser("train", help="distillation runs of one seed")
+    t.add_argument("out")
+    t.add_argument("--seed", type=int, required=True)
+    t.add_argument("--runs", default=" ".join(RUNS), help=f"space-separated, of: {' '.join(RUNS)}")
+    t.add_argument("--steps", type=int, default=125, help="steps per epoch (at most 250 = one pass)")
+    t.add_argument("--epochs", type=int, default=10)
+    t.add_argument("--jsd-beta", type=float, default=DEFAULT_PARAMS["jsd_beta"], help="beta of the jsd run")
+    t.add_argument("--phi0", type=float, default=DEFAULT_PARAMS["phi0"], help="sgo.phi0 of the adaptive runs")
+    t.add_argument("--tolerance", type=float, default=DEFAULT_PARAMS["tolerance"],
+                   help="sgo.tolerance of the adaptive runs")
+    t.add_argument("--train-args", default="", help="extra key=value overrides of every run (space-separated)")
+    t.add_argument("--threads", type=int, default=int(os.environ.get("THREADS", "1")))
+    s = sub.add_parser("summarize", help="report, JSON and plots from OUT_DIR/runs")
+    s.add_argument("out")
+    s.add_argument("--out", dest="report", default=None, help="report path (default OUT_DIR/reproduction.md)")
+    s.add_argument("--no-plots", action="store_true")
+    sub.add_parser("list", help="print the run names")
+    args = ap.parse_args(argv)
+
+    if args.cmd == "list":
+        print(" ".join(RUNS))
+        return
+    if args.cmd == "summarize":
+        summarize(args.out, args.report, make_plots=not args.no_plots,
+                  command="python -m distillm_tune.scripts.reproduce " + " ".join(argv if argv is not None else sys.argv[1:]))
+        return
+    _set_threads(args.threads)
+    if args.cmd == "prepare":
+        prepare(args.out, sft_steps=args.sft_steps, teacher_epochs=args.teacher_epochs,
+                student_epochs=args.student_epochs, rouge_examples=args.rouge_examples,
+                val_examples=args.val_examples, eval_examples=args.eval_examples,
+                eval_seeds=_ints(args.eval_seeds))
+    else:
+        try:
+            runs = check_runs(args.runs.split())
+        except ValueError as e:
+            raise SystemExit(f"error: --runs: {e}")
+        train(args.out, seed=args.seed, runs=runs, steps=args.steps, epochs=args.epochs,
+              train_args=args.train_args.split(), jsd_beta=args.jsd_beta, phi0=args.phi0,
+              tolerance=args.tolerance)
+
+
+if __name__ == "__main__":
+    main()
