@@ -99,10 +99,10 @@ def plot(curves: Dict[str, List[Dict]], path: str) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="demo_out")
-    ap.add_argument("--teacher-epochs", type=int, default=4)
-    ap.add_argument("--student-epochs", type=int, default=2)
-    ap.add_argument("--distil-epochs", type=int, default=2)
-    ap.add_argument("--steps-per-epoch", type=int, default=120)
+    ap.add_argument("--teacher-epochs", type=int, default=8)
+    ap.add_argument("--student-epochs", type=int, default=4)
+    ap.add_argument("--distil-epochs", type=int, default=4)
+    ap.add_argument("--steps-per-epoch", type=int, default=250)
     ap.add_argument("--eval-examples", type=int, default=200)
     ap.add_argument("--seed", type=int, default=1)
     # At this scale the validation loss keeps falling, so from the paper's GPT-2 setting (phi0 = 0)
@@ -117,7 +117,7 @@ def main(argv=None) -> None:
     assets = os.path.join(out, "assets")
     make_tiny_assets(assets)
     common = [f"assets_dir={assets}", f"seed={args.seed}", f"max_steps_per_epoch={args.steps_per_epoch}",
-              "validation.every_n_steps=40", "validation.rouge_examples=48", "validation.max_examples=96"]
+              "validation.every_n_steps=125", "validation.rouge_examples=48", "validation.max_examples=96"]
     runs = {}
     runs["teacher (SFT)"] = run("teacher SFT", os.path.join(out, "teacher_sft"), common + [
         "method=sft", f"student.checkpoint_dir={assets}/teacher", f"output_dir={out}/teacher_sft",

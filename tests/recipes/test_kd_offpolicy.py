@@ -116,8 +116,7 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_assets, tmp_path):
 
 
 def test_lora_student_exports_merged_and_peft(tiny_assets, tmp_path):
-    lora = "student.lora={lora_attn_modules: [q_proj, v_proj], lora_rank: 4, lora_alpha: 8}"
-    recipe, rows = run_recipe(tiny_assets, str(tmp_path), "method=kd", lora, "optimizer.lr=5e-2")
+    recipe, rows = run_recipe(tiny_assets, str(tmp_path), "method=kd", LORA, "optimizer.lr=5e-2")
     trainable = {n for n, p in recipe.student.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
     assert os.path.isfile(tmp_path / "peft_adapter" / "adapter_config.json")
@@ -166,10 +165,15 @@ def test_teacher_with_another_tokenizer_is_rejected(tiny_assets, tmp_path):
 # ------------------------------------------------------------------- distributed and resume
 
 
+LORA = "student.lora={lora_attn_modules: [q_proj, v_proj], lora_rank: 4, lora_alpha: 8}"
+
+
 @pytest.mark.slow
-def test_two_processes_give_the_losses_of_one_with_the_same_global_batch(tiny_assets, tmp_path):
-    _, single = run_recipe(tiny_assets, str(tmp_path / "one"), "method=kd", "batch_size=8")
-    cmd = tune_cmd(f"assets_dir={tiny_assets}", f"output_dir={tmp_path / 'two'}", "method=kd", "batch_size=4", nproc=2)
+@pytest.mark.parametrize("extra", [[], [LORA, "optimizer.lr=5e-2"]], ids=["full", "lora"])
+def test_two_processes_give_the_losses_of_one_with_the_same_global_batch(tiny_assets, tmp_path, extra):
+    _, single = run_recipe(tiny_assets, str(tmp_path / "one"), "method=kd", "batch_size=8", *extra)
+    cmd = tune_cmd(f"assets_dir={tiny_assets}", f"output_dir={tmp_path / 'two'}", "method=kd", "batch_size=4",
+                   *extra, nproc=2)
     proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     double = read_metrics(str(tmp_path / "two"))
