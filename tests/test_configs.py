@@ -527,8 +527,7 @@ def _real_env(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("METHODS", "NPROC", "RUN_DIR", "CONFIG")}
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHON=sys.executable)
     tune = shutil.which("tune")
-    if tune is None:
-        pytest.skip("the tune command is not on PATH")
+    assert tune is not None, "torchtune's `tune` command must be on PATH (it comes with pip install torchtune)"
     env["TUNE"] = tune
     return env
 
