@@ -106,6 +106,23 @@ dataset_list() {
 }
 
 # collect_results RUN_DIR STEP...: RUN_DIR/summary.md from RUN_DIR/STEP/eval/results.md.
+# Steps 4-5 of every pipeline: evaluate the teacher, the SFT student and each distilled student
+# named in "$@", then collect their results.md into RUN_DIR/summary.md. Reads the pipeline's
+# RUN_DIR, TEACHER_SFT_DIR, STUDENT_SFT_DIR, EVAL_CONFIG, EVAL_SETS, DATA_DIR, EVAL_BATCH, eval_args.
+evaluate_and_collect() {
+  local step model
+  for step in "$@"; do
+    case $step in
+      teacher_sft) model=$TEACHER_SFT_DIR ;;
+      student_sft) model=$STUDENT_SFT_DIR ;;
+      *) model=$RUN_DIR/$step/hf_model ;;
+    esac
+    eval_step "$RUN_DIR/$step/eval" "$model" "$EVAL_CONFIG" "$EVAL_SETS" data_dir="$DATA_DIR" \
+      batch_size="$EVAL_BATCH" ${eval_args[@]+"${eval_args[@]}"}
+  done
+  collect_results "$RUN_DIR" "$@"
+}
+
 collect_results() {
   local run_dir=$1; shift
   local summary=$run_dir/summary.md step

@@ -119,16 +119,5 @@ for m in ${methods[@]+"${methods[@]}"}; do
   steps+=("distill_$m")
 done
 
-# ---------------------------------------------------------------- 4. evaluation
-for step in "${steps[@]}"; do
-  case $step in
-    teacher_sft) model=$TEACHER_SFT_DIR ;;
-    student_sft) model=$STUDENT_SFT_DIR ;;
-    *) model=$RUN_DIR/$step/hf_model ;;
-  esac
-  eval_step "$RUN_DIR/$step/eval" "$model" "$EVAL_CONFIG" "$EVAL_SETS" data_dir="$DATA_DIR" \
-    batch_size="$EVAL_BATCH" ${eval_args[@]+"${eval_args[@]}"}
-done
-
-# ---------------------------------------------------------------- 5. summary
-collect_results "$RUN_DIR" "${steps[@]}"
+# ---------------------------------------------------------------- 4. evaluation, 5. summary
+evaluate_and_collect "${steps[@]}"
