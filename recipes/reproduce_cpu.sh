@@ -13,6 +13,9 @@
 #   Tab. 1, fixed data (method=kd): fkl (= KD, the time baseline), rkl, jsd (beta JSD_BETA), skl, srkl
 #   Tab. 2, SRKL: srkl_onpolicy (imitkd), srkl_mixed (gkd, p=0.5), srkl_adaptive (distillm with a
 #   1-sample buffer = adaptive phi, no replay), distillm (adaptive off-policy)
+#   Baselines, each with its own divergence: seqkd (CE on the teacher's sampled responses, generated
+#   once into OUT_DIR/seqkd), imitkd (FKL on student outputs), gkd (JSD on a 50/50 mix)
+# Each seed's process first makes a throwaway warm-up run, so one-off costs are not timed.
 # Every step is skipped when its output exists, so re-running continues an interrupted reproduction;
 # a run made with other settings is an error (use a new OUT_DIR).
 #

@@ -131,6 +131,31 @@ def test_summary_without_kd_and_with_mixed_settings(tmp_path):
     assert "no ratios" in text and "not like for like" in text
 
 
+def test_baseline_table_lists_kd_the_baselines_sft_and_distillm(synthetic, tmp_path):
+    _write_run(synthetic, "imitkd", 1, SYNTH["srkl"][1])
+    _write_run(synthetic, "imitkd", 2, SYNTH["srkl"][2])
+    prepare = {"settings": {"sft_steps": 5, "teacher_epochs": 1, "student_epochs": 1},
+               "teacher_test": {"greedy": 40.0}, "student_val_rouge_l": 15.0,
+               "student_test": {"greedy": 16.25, "sampled": {"mean": 14.5, "std": 0.25}}}
+    with open(os.path.join(synthetic, "prepare.json"), "w") as f:
+        json.dump(prepare, f)
+    os.makedirs(os.path.join(synthetic, "seqkd"))
+    with open(os.path.join(synthetic, "seqkd", "info.json"), "w") as f:
+        json.dump({"generation_s": 12.34, "rows": 1999, "seed": 1}, f)
+    s = rp.summarize(synthetic, str(tmp_path / "r.md"), make_plots=False)
+    assert s["seqkd_generation"]["rows"] == 1999
+    text = (tmp_path / "r.md").read_text()
+    section = text.split("## Baselines")[1].split("\n## ")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ")][1:]
+    assert [r.split("|")[1].strip().split(":")[0] for r in rows] == [
+        "SFT student (start of every run, no distillation)", "`fkl`", "`imitkd`", "`distillm`"]
+    g = _pmean_pstd([SYNTH["srkl"][k][3] for k in (1, 2)])  # imitkd got srkl's synthetic numbers
+    assert f"{g[0]:.2f} ± {g[1]:.2f}" in rows[2]
+    assert "16.25" in rows[0] and "14.50 ± 0.25" in rows[0] and "23.33 (0.22)" in rows[0]
+    assert "21.63 (0.51)" in rows[2]  # the paper's ImitKD
+    assert "1999 rows" in section and "12.3 s" in section
+
+
 def test_summarize_without_runs_is_an_error(tmp_path):
     with pytest.raises(SystemExit, match="no finished run"):
         rp.summarize(str(tmp_path), str(tmp_path / "r.md"))
@@ -153,6 +178,10 @@ def test_run_definitions():
     assert rp.run_overrides("srkl_onpolicy")[0] == "method=imitkd"
     for name in ("fkl", "rkl", "jsd", "skl", "srkl"):
         assert rp.run_overrides(name)[0] == "method=kd"
+    # the baselines run with the recipe's own divergence for the method (no loss override)
+    for name in ("seqkd", "imitkd", "gkd"):
+        assert rp.run_overrides(name) == [f"method={name}"]
+        assert rp.RUNS[name]["table"] == 3
     with pytest.raises(ValueError, match="unknown run.*bogus"):
         rp.check_runs(["fkl", "bogus"])
     with pytest.raises(ValueError, match="unknown run parameter"):
@@ -207,13 +236,13 @@ def test_quick_reproduction_end_to_end(tmp_path):
     out = tmp_path / "out"
     report = tmp_path / "docs" / "reproduction.md"
     env = {**os.environ, "PYTHON": sys.executable, "STEPS": "2", "EPOCHS": "2", "SEEDS": "1",
-           "METHODS": "fkl srkl_adaptive", "SFT_STEPS": "2", "TEACHER_EPOCHS": "1", "STUDENT_EPOCHS": "1",
+           "METHODS": "fkl srkl_adaptive seqkd", "SFT_STEPS": "2", "TEACHER_EPOCHS": "1", "STUDENT_EPOCHS": "1",
            "ROUGE_EXAMPLES": "8", "VAL_EXAMPLES": "16", "EVAL_EXAMPLES": "8", "EVAL_SEEDS": "10",
            "REPORT": str(report), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     r = subprocess.run(["bash", SCRIPT, str(out)], cwd=REPO, capture_output=True, text=True, env=env,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    for name in ("fkl", "srkl_adaptive"):
+    for name in ("fkl", "srkl_adaptive", "seqkd"):
         res = json.loads((out / "runs" / name / "seed_1" / "result.json").read_text())
         assert res["settings"]["steps_per_epoch"] == 2 and res["settings"]["epochs"] == 2
         rows = [json.loads(x) for x in (out / "runs" / name / "seed_1" / "metrics.jsonl").read_text().splitlines()]
@@ -222,12 +251,19 @@ def test_quick_reproduction_end_to_end(tmp_path):
         assert 0.0 <= res["test_rouge_l_greedy"] <= 100.0
         assert list(res["test_rouge_l_sampled"]["per_seed"]) == ["10"]
         assert not (out / "runs" / name / "seed_1" / "checkpoints").exists()
+    assert not (out / "warmup").exists()  # the unmeasured warm-up run is removed
+    # seqkd trained on the teacher's responses, generated once: one row per training prompt
+    seqkd_rows = (out / "seqkd" / "train.jsonl").read_text().splitlines()
+    info = json.loads((out / "seqkd" / "info.json").read_text())
+    assert info["rows"] == len(seqkd_rows) > 1000
+    res = json.loads((out / "runs" / "seqkd" / "seed_1" / "result.json").read_text())
+    assert f"seqkd_data={out / 'seqkd' / 'train.jsonl'}" in res["overrides"] and "method=seqkd" in res["overrides"]
     text = report.read_text()
-    assert "`fkl`" in text and "`srkl_adaptive`" in text and "×1.00" in text
+    assert "`fkl`" in text and "`srkl_adaptive`" in text and "×1.00" in text and "## Baselines" in text
     assert (tmp_path / "docs" / "reproduction_time.png").is_file()
     # re-running skips every finished step; other settings in the same folder are refused
     again = subprocess.run(["bash", SCRIPT, str(out)], cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
-    assert again.returncode == 0 and again.stdout.count("skip:") == 3, again.stdout[-2000:]
+    assert again.returncode == 0 and again.stdout.count("skip:") == 4, again.stdout[-2000:]
     other = subprocess.run(["bash", SCRIPT, str(out)], cwd=REPO, capture_output=True, text=True,
                            env={**env, "EPOCHS": "3"}, timeout=600)
     assert other.returncode != 0 and "other settings" in other.stderr
