@@ -24,15 +24,16 @@
 #   STEPS=4 SEEDS=1 bash recipes/reproduce_cpu.sh /tmp/repro_quick            # quick: a few minutes
 #   REPORT=docs/reproduction.md bash recipes/reproduce_cpu.sh runs/reproduce_cpu   # the documented one
 #
-# Time of the full default (9 runs x 3 seeds, each 10 epochs x 125 steps = 1250 steps; SFT teacher
-# 8 and student 4 epochs x 250 steps), measured on 2 shared CPU cores with THREADS=1: prepare ~3 min;
-# a run ~55 s (fixed data, ~40-45 ms a step) to ~70 s (on-policy / mixed, ~55-60 ms a step) including
-# validation and ~3 s of test evaluation, ~9 min a seed: about 30 min in all, up to ~40 min when
-# the cores are busy with other work. The quick version above takes ~5 min (mostly the SFT).
+# Time of the full default (12 runs x 3 seeds, each 10 epochs x 125 steps = 1250 steps; SFT teacher
+# 8 and student 4 epochs x 250 steps), measured on the 2-core machine with THREADS=1 and another
+# single-threaded job on the other core: prepare ~3 min; per seed a ~10 s warm-up, runs of ~45-55 s
+# (fixed data, ~34-37 ms a step), ~60-70 s (on-policy, ~46-48 ms a step), ~20 s (seqkd) including
+# validation and ~3 s of test evaluation, SeqKD's teacher responses once (~10 s): ~12 min a seed,
+# about 40 min in all. The quick version above takes ~5 min (mostly the SFT).
 #
 # Variables (environment):
 #   OUT_DIR          output folder (or the first argument; default runs/reproduce_cpu)
-#   METHODS          runs to make (default: all nine above); keep fkl for the time ratios
+#   METHODS          runs to make (default: all twelve above); keep fkl for the time ratios
 #   SEEDS            training seeds (default "1 2 3")
 #   STEPS, EPOCHS    steps per epoch (at most 250 = one pass over the 2000 training rows) and
 #                    epochs of every distillation run (default 125, 10); validation after each epoch
