@@ -34,8 +34,8 @@ from tqdm import tqdm
 
 from distillm_tune.data.collate import CROSS_ENTROPY_IGNORE_IDX
 from distillm_tune.data.pretrain import collate_packed
-from distillm_tune.losses import Divergence
-from distillm_tune.losses.cross_entropy import cross_entropy_sum_and_count
+from distillm_tune.losses import Divergence, FusedLinearDivergence
+from distillm_tune.losses.cross_entropy import cross_entropy_sum_and_count, linear_cross_entropy_sum_and_count
 from distillm_tune.models import LoRASettings, family_for, load_hf, load_hf_tokenizer, read_hf_config
 from distillm_tune.models.hf import save_hf_state_dict, save_peft_adapter_state_dict
 from distillm_tune.sgo import (
@@ -47,7 +47,7 @@ from distillm_tune.sgo import (
     shared_uniform,
 )
 from distillm_tune.training import RecipeCheckpointer, all_reduce_sum, init_process_group_for
-from distillm_tune.training.model_io import LAYER_CLASSES, model_io_for
+from distillm_tune.training.model_io import LAYER_CLASSES, model_io_for, output_projection
 
 log = utils.get_logger("INFO")
 
@@ -131,6 +131,7 @@ class KDOffPolicyRecipe:
         for model in (self.student, self.teacher):
             if model is not None:
                 self.io.prepare(model, num_chunks)
+        self.fused_loss = self._build_fused_loss()
 
         self.micro_batches_per_epoch = len(self.train_data) // (self.batch_size * self.world_size)
         steps = self.micro_batches_per_epoch // self.grad_accum
@@ -178,6 +179,33 @@ class KDOffPolicyRecipe:
         if path is None or not os.path.isdir(str(path)):
             raise _setting_error(setting, f"checkpoint directory {path!r} does not exist")
         return str(path)
+
+    def _build_fused_loss(self) -> Optional[FusedLinearDivergence]:
+        """``fused_loss_chunk_size: N``: the divergence from final hidden states and output weights,
+        N tokens at a time, so neither model's ``[tokens, V]`` logits are ever built (~80% less
+        loss memory, docs/benchmarks.md §1). Checked here, identically on every rank."""
+        chunk = self.cfg.get("fused_loss_chunk_size", None)
+        if chunk is None:
+            return None
+        key = "fused_loss_chunk_size"
+        if int(chunk) < 1:
+            raise _setting_error(key, f"must be a positive number of tokens or null, got {chunk}")
+        if self.loss_fn is None:
+            raise _setting_error(key, f"method={self.method} has no divergence to fuse; set it to null")
+        if self.io.is_encoder_decoder:
+            raise _setting_error(key, "the fused loss supports decoder-only models; T5/mT5 use the logits path (null)")
+        if self.distributed:
+            raise _setting_error(key, f"the fused loss runs in one process (got {self.world_size}): FSDP shards the "
+                                      "output weight, which the loss reads outside the model's forward; set it to null")
+        if self.kd_ratio != 1.0:
+            raise _setting_error(key, f"the fused loss needs kd_ratio=1 (got {self.kd_ratio}): the CE term with "
+                                      "gradients would need the logits it avoids")
+        for name, model in (("student", self.student), ("teacher", self.teacher)):
+            try:
+                output_projection(model)
+            except ValueError as e:
+                raise _setting_error(key, f"{name}: {e}") from None
+        return FusedLinearDivergence(self.loss_fn, chunk_size=int(chunk))
 
     def _build_loss(self, student_dir: str, teacher_dir: Optional[str]) -> Optional[Divergence]:
         loss_cfg = OmegaConf.to_container(self.cfg.get("loss", None) or OmegaConf.create({}))
@@ -325,6 +353,17 @@ class KDOffPolicyRecipe:
     def _loss_sums(self, batch: Dict[str, Any]) -> Tuple[torch.Tensor, torch.Tensor]:
         """(divergence sum, CE sum) over the batch's unmasked tokens."""
         labels = batch["labels"].to(self.device)
+        if self.fused_loss is not None:
+            hidden, weight, bias = self.io.forward_hidden(self.student, batch, self.device)
+            with torch.no_grad():
+                t_hidden, t_weight, t_bias = self.io.forward_hidden(self.teacher, batch, self.device)
+                # CE is only logged here (kd_ratio = 1): no gradient, one chunk of logits at a time
+                ce_sum, _ = linear_cross_entropy_sum_and_count(
+                    hidden.detach(), weight.detach(), labels, None if bias is None else bias.detach(),
+                    chunk_size=self.fused_loss.chunk_size)
+            div_sum, _ = self.fused_loss.sum_and_count(hidden, weight, t_hidden, t_weight, labels,
+                                                       student_bias=bias, teacher_bias=t_bias)
+            return div_sum, ce_sum
         student_logits = self.io.forward(self.student, batch, self.device)
         ce_sum, _ = cross_entropy_sum_and_count(student_logits, labels)
         if self.loss_fn is None or self.kd_ratio == 0.0:

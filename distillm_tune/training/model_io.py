@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
-from torchtune.modules import TransformerSelfAttentionLayer
+from torchtune.modules import TiedLinear, TransformerSelfAttentionLayer
 
 from distillm_tune.data.collate import collate_prompt_response
 from distillm_tune.data.seq2seq import collate_seq2seq
@@ -47,6 +47,26 @@ class CausalLMIO:
     def forward(self, model: nn.Module, batch: Dict[str, Any], device: torch.device):
         return model(batch["tokens"].to(device))
 
+    def forward_hidden(self, model: nn.Module, batch: Dict[str, Any], device: torch.device):
+        """``(hidden [B, S, H], weight [V, H], bias or None)``: the input of the output projection
+        and the projection itself, so that a loss can apply it chunk by chunk
+        (``FusedLinearDivergence``) instead of receiving the ``[B, S, V]`` logits."""
+        weight, bias = output_projection(model)
+
+        def hidden_states(h: torch.Tensor) -> torch.Tensor:
+            h = model.norm(h)
+            project_out = getattr(model, "project_out", None)  # OPT-350m: 1024 -> 512 before the head
+            return h if project_out is None else project_out(h)
+
+        # The decoders end with ``self.unembed(h)``; an instance attribute shadows that method for
+        # this one call, so everything before the head runs exactly as in ``forward``.
+        model.unembed = hidden_states
+        try:
+            hidden = model(batch["tokens"].to(device))
+        finally:
+            del model.unembed
+        return hidden, weight, bias
+
     def generate(self, model: nn.Module, samples: List[Sample], *, max_new_tokens: int,
                  generator: Optional[torch.Generator], dtype: torch.dtype, device: torch.device,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: Optional[int] = None) -> List[Sample]:
@@ -61,6 +81,18 @@ class CausalLMIO:
             )
         finally:
             model.set_num_output_chunks(chunks)
+
+
+def output_projection(model: nn.Module):
+    """``(weight [V, H], bias or None)`` of a decoder's output layer: its own ``nn.Linear`` or the
+    token embedding it is tied to (GPT-2, OPT)."""
+    out = model.output
+    if isinstance(out, TiedLinear):
+        return out.tied_module.weight, None
+    if isinstance(out, nn.Linear):
+        return out.weight, out.bias
+    raise ValueError(f"the model's output layer is a {type(out).__name__}, not a plain or tied linear "
+                     "layer (LoRA on the output layer?): the fused loss needs its weight")
 
 
 class Seq2SeqLMIO:

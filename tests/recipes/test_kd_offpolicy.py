@@ -317,3 +317,40 @@ def test_validation_rouge_is_logged_and_the_best_student_exported(tiny_assets, t
     direct = [max(scorer.score(ref, tok.decode([t for t in o["response"] if t != tok.eos_id]).strip())["rougeL"].fmeasure
                   for ref in recipe.valid_data.examples[i].references) * 100 for i, o in enumerate(out)]
     assert sum(direct) / 6 == pytest.approx(max(scores), abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------- fused loss
+
+
+@pytest.mark.parametrize("method,extra", [
+    # generation and replay micro-batches (as in test_each_method_runs_end_to_end)
+    ("distillm", ["sgo.phi0=1.0", "gradient_accumulation_steps=2", "batch_size=4"]),
+    ("gkd", ["loss.temperature=2.0"]),
+])
+def test_fused_loss_trains_like_the_logits_path(tiny_assets, tmp_path, method, extra):
+    """fused_loss_chunk_size: the divergence from hidden states and head weights, a few tokens at a
+    time, gives the same losses, batches and weights as the default path over the logits."""
+    _, plain = run_recipe(tiny_assets, str(tmp_path / "plain"), f"method={method}", *extra)
+    _, fused = run_recipe(tiny_assets, str(tmp_path / "fused"), f"method={method}", *extra,
+                          "fused_loss_chunk_size=7")
+    assert len(fused) == len(plain) == 3
+    for a, b in zip(fused, plain):
+        for key in ("loss", "loss_div", "loss_ce"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), key
+        assert [a[f"source_{s}"] for s in ("dataset", "sgo", "replay")] == \
+            [b[f"source_{s}"] for s in ("dataset", "sgo", "replay")]
+    assert {s for r in plain for s in ("sgo", "replay") if r[f"source_{s}"] > 0} >= (
+        {"sgo", "replay"} if method == "distillm" else set())
+    wa, wb = _hf_weights(tmp_path / "fused"), _hf_weights(tmp_path / "plain")
+    for k in wb:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["method=sft"], "fused_loss_chunk_size: method=sft has no divergence"),
+    (["kd_ratio=0.5"], "fused_loss_chunk_size: the fused loss needs kd_ratio=1 .got 0.5"),
+    (["fused_loss_chunk_size=0"], "fused_loss_chunk_size: must be a positive number"),
+])
+def test_fused_loss_settings_that_cannot_work_are_rejected(tiny_assets, tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        run_recipe(tiny_assets, str(tmp_path), "fused_loss_chunk_size=16", *overrides)

@@ -64,3 +64,9 @@ def test_decoder_only_teacher_for_seq2seq_student_is_rejected(tiny_seq2seq_asset
     with pytest.raises(ValueError, match="config teacher.checkpoint_dir: teacher is a gpt2 and the student a mt5"):
         run_recipe(tiny_seq2seq_assets, str(tmp_path), f"teacher.checkpoint_dir={tiny_assets}/teacher",
                    config=TINY_T5_CONFIG)
+
+
+def test_fused_loss_is_rejected_for_encoder_decoders(tiny_seq2seq_assets, tmp_path):
+    with pytest.raises(ValueError, match="fused_loss_chunk_size: the fused loss supports decoder-only"):
+        run_recipe(tiny_seq2seq_assets, str(tmp_path), "method=kd", "fused_loss_chunk_size=16",
+                   config=TINY_T5_CONFIG)

@@ -1,0 +1,134 @@
+"""Peak memory and step time of ``kd_offpolicy`` with the KD loss over logits (the default) and with
+``fused_loss_chunk_size`` (hidden states + head weights, no ``[tokens, V]`` logits), same run.
+
+    python benchmarks/bench_recipe_memory.py                     # GPT-2-small student, GPT-2-medium teacher
+    python benchmarks/bench_recipe_memory.py --small             # tiny models, seconds (smoke run)
+
+Each mode runs in its own subprocess (peak resident memory is per process): ``method=kd`` (no
+generation, so both modes see the same batches), batch ``--batch-size`` of rows whose prompt +
+response fill about ``--seq-len`` tokens, ``--steps`` optimizer steps. Reported: the process's peak
+RSS (``ru_maxrss``), the mean step time without the first step, and the step-1 loss of both modes
+(they must agree: same computation, different order of work). Baseline: ``logits``.
+"""
+
+import argparse
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, REPO)
+sys.path.insert(0, HERE)
+
+
+def make_long_rows(path: str, tokenizer_dir: str, rows: int, prompt_tokens: int, response_tokens: int,
+                   seed: int = 0) -> None:
+    """Dolly rows of random words whose prompt (template included) and response come close to the
+    given token budgets with the assets' tokenizer, so the sequences are long whatever the task."""
+    from distillm_tune.data.instruction import format_prompt
+    from distillm_tune.models import load_hf_tokenizer
+
+    tok = load_hf_tokenizer(tokenizer_dir)
+    rng = random.Random(seed)
+    vocab = "door pig cherry dog black green lamp owl blue bat sun lime red cat tree fox".split()
+
+    def words(n):
+        return " ".join(rng.choice(vocab) for _ in range(n))
+
+    def n_tokens(text):
+        return len(tok.encode(text, add_bos=False, add_eos=False))
+
+    per_word = n_tokens(words(400)) / 400
+    instruction = "Repeat some of the words."
+    template = len(tok.encode(format_prompt(instruction, "x"), add_bos=True, add_eos=False))
+    ctx_words = max(4, int((prompt_tokens - template) / per_word * 0.9))
+    resp_words = max(2, int((response_tokens - 2) / per_word * 0.9))
+    with open(path, "w") as f:
+        for _ in range(rows):
+            f.write(json.dumps({"instruction": instruction, "context": words(ctx_words),
+                                "response": words(resp_words), "category": "bench"}) + "\n")
+
+
+def child(args) -> None:
+    import torch
+    from omegaconf import OmegaConf
+
+    from distillm_tune.recipes.kd_offpolicy import KDOffPolicyRecipe
+
+    torch.set_num_threads(args.threads)
+    over = [f"assets_dir={args.assets}", f"output_dir={args.out}", "method=kd", "epochs=1",
+            f"max_steps_per_epoch={args.steps}", f"batch_size={args.batch_size}", "validation.max_examples=8",
+            f"max_seq_len={args.seq_len}", f"max_prompt_len={args.seq_len * 2 // 3}", "log_every_n_steps=1",
+            "save_every_n_steps=null", f"dataset.source={args.assets}/data/long.jsonl",
+            f"validation.dataset.source={args.assets}/data/long.jsonl"]
+    if args.mode == "fused":
+        over.append(f"fused_loss_chunk_size={args.chunk}")
+    cfg = OmegaConf.merge(OmegaConf.load(os.path.join(REPO, "configs", "tiny_cpu.yaml")), OmegaConf.from_dotlist(over))
+    recipe = KDOffPolicyRecipe(cfg)
+    recipe.setup()
+    recipe.train()
+    with open(os.path.join(args.out, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    print("RESULT " + json.dumps({
+        "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "step_s": statistics.mean(r["step_time"] for r in rows[1:]),
+        "loss1": rows[0]["loss"], "tokens": rows[0]["tokens_per_sec"] * rows[0]["step_time"]}), flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--small", action="store_true", help="tiny models instead of GPT-2 shapes")
+    ap.add_argument("--seq-len", type=int, default=384)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--chunk", type=int, default=1024, help="fused_loss_chunk_size")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--mode", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--assets", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child(args)
+
+    from distillm_tune.scripts.make_tiny_assets import make_tiny_assets
+
+    work = tempfile.mkdtemp(prefix="bench_recipe_memory_")
+    assets = os.path.join(work, "assets")
+    make_tiny_assets(assets, train=64, valid=8, test=8)
+    if not args.small:
+        from bench_methods import make_gpt2_shapes
+
+        make_gpt2_shapes(assets)
+    make_long_rows(os.path.join(assets, "data", "long.jsonl"), os.path.join(assets, "student"), rows=64,
+                   prompt_tokens=args.seq_len * 2 // 3, response_tokens=args.seq_len - args.seq_len * 2 // 3)
+    shape = "tiny" if args.small else "GPT-2-small student / GPT-2-medium teacher, V=50257"
+    print(f"{shape}; batch {args.batch_size}, max_seq_len {args.seq_len}, {args.steps} steps, method=kd, "
+          f"fp32, {args.threads} threads, fused chunk {args.chunk}", flush=True)
+    res = {}
+    for mode in ("logits", "fused"):
+        cmd = [sys.executable, __file__, "--child", "--mode", mode, "--assets", assets,
+               "--out", os.path.join(work, mode), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+               "--seq-len", str(args.seq_len), "--chunk", str(args.chunk), "--threads", str(args.threads)]
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+        if p.returncode != 0 or not line:
+            sys.exit(f"{mode} run failed:\n{p.stderr[-3000:]}")
+        res[mode] = json.loads(line[0][len("RESULT "):])
+    base = res["logits"]
+    print(f"\nloss tokens in step 1: {res['logits']['tokens']:.0f}\n")
+    print("| loss path | peak RSS MiB | x logits | s / step | x logits | step-1 loss |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for mode, r in res.items():
+        print(f"| {mode} | {r['peak_mib']:.0f} | {r['peak_mib'] / base['peak_mib']:.2f} | {r['step_s']:.2f} | "
+              f"{r['step_s'] / base['step_s']:.2f} | {r['loss1']:.6f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""CausalLMIO.forward_hidden: the hidden states and output projection it returns give back the
+model's own logits, for a tied head (GPT-2), a tied head behind project_out (OPT-350m style) and an
+untied head (Llama); linear_cross_entropy_sum_and_count equals CE over those logits."""
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+from distillm_tune.losses.cross_entropy import cross_entropy_sum_and_count, linear_cross_entropy_sum_and_count
+from distillm_tune.models import load_hf
+from distillm_tune.training.model_io import CausalLMIO, output_projection
+
+VOCAB = 101
+MODELS = {
+    "gpt2_tied": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2,
+                                                    n_head=4)),
+    "opt350m_project_out": lambda: OPTForCausalLM(OPTConfig(
+        vocab_size=VOCAB, hidden_size=32, word_embed_proj_dim=16, num_hidden_layers=2, ffn_dim=48,
+        num_attention_heads=4, max_position_embeddings=32, do_layer_norm_before=False, init_std=0.2)),
+    "llama_untied": lambda: LlamaForCausalLM(LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=False)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_hidden_states_and_head_give_the_models_logits(name, tmp_path):
+    torch.manual_seed(0)
+    MODELS[name]().save_pretrained(tmp_path)
+    model = load_hf(str(tmp_path)).eval()
+    io = CausalLMIO(tokenizer=None)
+    tokens = torch.randint(0, VOCAB, (3, 9))
+    labels = torch.randint(0, VOCAB, (3, 9))
+    labels[0, :4] = -100
+    with torch.no_grad():
+        logits = io.forward(model, {"tokens": tokens}, torch.device("cpu"))
+        hidden, weight, bias = io.forward_hidden(model, {"tokens": tokens}, torch.device("cpu"))
+    assert "unembed" not in vars(model)  # the override is gone: the next forward gives logits again
+    assert hidden.shape == (3, 9, weight.shape[1]) and weight.shape[0] == logits.shape[-1]
+    assert (weight is model.tok_embeddings.weight) == (name != "llama_untied")
+    torch.testing.assert_close(torch.nn.functional.linear(hidden, weight, bias), logits, rtol=1e-5, atol=1e-5)
+    want, n = cross_entropy_sum_and_count(logits, labels)
+    got, m = linear_cross_entropy_sum_and_count(hidden, weight, labels, bias, chunk_size=5)
+    assert int(m) == int(n) == 23
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert output_projection(model)[0] is weight
