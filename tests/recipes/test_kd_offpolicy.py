@@ -326,6 +326,8 @@ def test_validation_rouge_is_logged_and_the_best_student_exported(tiny_assets, t
     # generation and replay micro-batches (as in test_each_method_runs_end_to_end)
     ("distillm", ["sgo.phi0=1.0", "gradient_accumulation_steps=2", "batch_size=4"]),
     ("gkd", ["loss.temperature=2.0"]),
+    ("kd", [LORA, "optimizer.lr=5e-2"]),  # LoRA student: the head stays a plain tied layer
+    ("kd", ["dtype=bf16"]),
 ])
 def test_fused_loss_trains_like_the_logits_path(tiny_assets, tmp_path, method, extra):
     """fused_loss_chunk_size: the divergence from hidden states and head weights, a few tokens at a
@@ -334,16 +336,20 @@ def test_fused_loss_trains_like_the_logits_path(tiny_assets, tmp_path, method, e
     _, fused = run_recipe(tiny_assets, str(tmp_path / "fused"), f"method={method}", *extra,
                           "fused_loss_chunk_size=7")
     assert len(fused) == len(plain) == 3
+    bf16 = "dtype=bf16" in extra  # bf16 matmuls in another order: equal up to bf16 rounding
     for a, b in zip(fused, plain):
         for key in ("loss", "loss_div", "loss_ce"):
-            assert a[key] == pytest.approx(b[key], rel=1e-5), key
+            assert a[key] == pytest.approx(b[key], rel=2e-2 if bf16 else 1e-5), key
         assert [a[f"source_{s}"] for s in ("dataset", "sgo", "replay")] == \
             [b[f"source_{s}"] for s in ("dataset", "sgo", "replay")]
     assert {s for r in plain for s in ("sgo", "replay") if r[f"source_{s}"] > 0} >= (
         {"sgo", "replay"} if method == "distillm" else set())
     wa, wb = _hf_weights(tmp_path / "fused"), _hf_weights(tmp_path / "plain")
     for k in wb:
-        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+        if bf16:
+            torch.testing.assert_close(wa[k].float(), wb[k].float(), rtol=2e-2, atol=2e-2)
+        else:
+            torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("overrides, match", [
