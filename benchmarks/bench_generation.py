@@ -13,12 +13,12 @@ top-p 1.0, no top-k) by
                 outside the vocabulary (so every row runs to ``--new-tokens``)
   (3) tt        torchtune's stock ``torchtune.generation.generate`` on the ported model (KV caches
                 set up around the call; it keeps fp32 logits of every step)
-  (4) proto     ``generate_responses`` as in (2) with the proposed sampling change patched in:
-                inverse-CDF sampling instead of ``torch.multinomial`` (see ``_proto_sample``);
-                a prototype, not the project's code
+
+(2) samples by inverse CDF (``distillm_tune.generation.sample_next_token``) since the prototype
+contender that measured that change was adopted (docs/benchmarks.md §2).
 
 Every contender generates the same number of tokens (checked). Contenders are interleaved
-(1 2 3 4, 4 3 2 1, ...) over ``--repeats`` rounds after ``--warmup`` rounds, and the median time is
+(1 2 3, 3 2 1, ...) over ``--repeats`` rounds after ``--warmup`` rounds, and the median time is
 reported, so load from other processes hits all of them alike; "x tf per round" is the median over
 rounds of (transformers' time / the contender's time in the same round), which also cancels load
 that drifts between rounds. Tokens/s counts generated tokens across the batch
@@ -47,12 +47,11 @@ import time
 
 import torch
 
-CONTENDERS = ("hf", "ours", "tt", "proto")
+CONTENDERS = ("hf", "ours", "tt")
 LABELS = {
     "hf": "(1) transformers generate",
     "ours": "(2) generate_responses",
     "tt": "(3) torchtune generate",
-    "proto": "(4) prototype fix",
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -141,63 +140,7 @@ def make_runners(args, hf, tt, device, dtype):
                                        temperature=1.0, rng=gen)
         return out.shape[0] * (out.shape[1] - ids.shape[1])
 
-    def run_proto():
-        res = _proto_generate(tt, prompts, max_new_tokens=n, eos_ids=never_eos, pad_id=pad_id,
-                              temperature=1.0, top_p=1.0, generator=gen)
-        return sum(len(r["response"]) for r in res)
-
-    return {"hf": run_hf, "ours": run_ours, "tt": run_tt, "proto": run_proto}
-
-
-def _proto_sample(logits, temperature=1.0, top_k=None, top_p=1.0, generator=None, greedy=False):
-    """``distillm_tune.generation.sample_next_token`` with inverse-CDF sampling in place of
-    ``torch.multinomial`` (same signature, same filtering, same distribution).
-
-    On CPU ``torch.multinomial(probs, 1)`` draws one exponential variate per vocabulary entry
-    (``exponential_`` over ``[B, V]``: ~8-13 ms per step at B=8, V=50257 on one core) and takes
-    ``argmax(probs / q)``. The same distribution comes from one uniform per row: ``u * total``
-    located in the cumulative sum (float64, so 50k-term rounding cannot shift mass between
-    tokens); ``right=True`` never lands on a zero-probability (filtered) token.
-    """
-    if greedy or temperature == 0:
-        return logits.argmax(-1)
-    logits = logits.float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        probs = sorted_logits.softmax(-1)
-        mass_above = probs.cumsum(-1) - probs
-        sorted_logits = sorted_logits.masked_fill(mass_above >= top_p, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    cdf = torch.softmax(logits, dim=-1, dtype=torch.float64).cumsum_(-1)
-    u = torch.rand((cdf.shape[0], 1), generator=generator, device=cdf.device, dtype=torch.float64)
-    idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
-    return idx.clamp_max_(cdf.shape[-1] - 1).squeeze(-1)
-
-
-@contextlib.contextmanager
-def _proto_patch():
-    """Swap the sampler's token-sampling function for :func:`_proto_sample` for one call."""
-    from distillm_tune.sgo import sampler
-
-    name = next(n for n in ("sample_next_token", "_sample") if hasattr(sampler, n))
-    original = getattr(sampler, name)
-    setattr(sampler, name, _proto_sample)
-    try:
-        yield
-    finally:
-        setattr(sampler, name, original)
-
-
-def _proto_generate(model, prompts, **kw):
-    from distillm_tune.sgo.sampler import generate_responses
-
-    with _proto_patch():
-        return generate_responses(model, prompts, **kw)
+    return {"hf": run_hf, "ours": run_ours, "tt": run_tt}
 
 
 # ----------------------------------------------------------------------------- measurement
