@@ -105,6 +105,25 @@ dataset_list() {
   echo "[${items[*]}]"
 }
 
+# Steps 1-2 of every pipeline: SFT of the teacher (unless TEACHER_SFT_DIR is given) and of the
+# student, the initialisation of every distillation run; sets TEACHER_SFT_DIR and STUDENT_SFT_DIR.
+# Reads the pipeline's RUN_DIR, CONFIG, CKPT_DIR, TEACHER, STUDENT, TEACHER_LR, TEACHER_EPOCHS,
+# TEACHER_RANK_BATCH, RANK_BATCH, common, teacher_args, train_args.
+sft_teacher_and_student() {
+  if [[ -z $TEACHER_SFT_DIR ]]; then
+    train_step "$RUN_DIR/teacher_sft" "$CONFIG" "${common[@]}" method=sft \
+      student.checkpoint_dir="$CKPT_DIR/$TEACHER" optimizer.lr="$TEACHER_LR" \
+      epochs="$TEACHER_EPOCHS" batch_size="$TEACHER_RANK_BATCH" ${teacher_args[@]+"${teacher_args[@]}"} \
+      ${train_args[@]+"${train_args[@]}"}
+    TEACHER_SFT_DIR=$RUN_DIR/teacher_sft/hf_model
+  fi
+  if [[ -z $STUDENT_SFT_DIR ]]; then
+    train_step "$RUN_DIR/student_sft" "$CONFIG" "${common[@]}" method=sft \
+      student.checkpoint_dir="$CKPT_DIR/$STUDENT" batch_size="$RANK_BATCH" ${train_args[@]+"${train_args[@]}"}
+    STUDENT_SFT_DIR=$RUN_DIR/student_sft/hf_model
+  fi
+}
+
 # collect_results RUN_DIR STEP...: RUN_DIR/summary.md from RUN_DIR/STEP/eval/results.md.
 # Steps 4-5 of every pipeline: evaluate the teacher, the SFT student and each distilled student
 # named in "$@", then collect their results.md into RUN_DIR/summary.md. Reads the pipeline's

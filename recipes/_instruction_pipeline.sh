@@ -81,21 +81,8 @@ if [[ -n $LM_CORPUS ]]; then
   lm=("lm.dataset={_component_: distillm_tune.data.pretrain_dataset, source: \"$LM_CORPUS\", max_seq_len: \"\${max_seq_len}\"}")
 fi
 
-# ---------------------------------------------------------------- 1. teacher SFT
-if [[ -z $TEACHER_SFT_DIR ]]; then
-  train_step "$RUN_DIR/teacher_sft" "$CONFIG" "${common[@]}" method=sft \
-    student.checkpoint_dir="$CKPT_DIR/$TEACHER" optimizer.lr="$TEACHER_LR" \
-    epochs="$TEACHER_EPOCHS" batch_size="$TEACHER_RANK_BATCH" ${teacher_args[@]+"${teacher_args[@]}"} \
-    ${train_args[@]+"${train_args[@]}"}
-  TEACHER_SFT_DIR=$RUN_DIR/teacher_sft/hf_model
-fi
-
-# ---------------------------------------------------------------- 2. student SFT (initialisation)
-if [[ -z $STUDENT_SFT_DIR ]]; then
-  train_step "$RUN_DIR/student_sft" "$CONFIG" "${common[@]}" method=sft \
-    student.checkpoint_dir="$CKPT_DIR/$STUDENT" batch_size="$RANK_BATCH" ${train_args[@]+"${train_args[@]}"}
-  STUDENT_SFT_DIR=$RUN_DIR/student_sft/hf_model
-fi
+# ---------------------------------------------------------------- 1-2. teacher SFT, student SFT (initialisation)
+sft_teacher_and_student
 
 # ---------------------------------------------------------------- 3. distillation
 steps=(teacher_sft student_sft)

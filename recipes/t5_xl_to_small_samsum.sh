@@ -103,22 +103,8 @@ mkdir -p "$RUN_DIR"
 common=(checkpoints_dir="$CKPT_DIR" data_dir="$DATA_DIR" dataset.source="$TRAIN_FILE"
         validation.dataset.source="$VALID_FILE")
 
-# ---------------------------------------------------------------- 1. teacher SFT (LoRA, merged)
-if [[ -z $TEACHER_SFT_DIR ]]; then
-  train_step "$RUN_DIR/teacher_sft" "$CONFIG" "${common[@]}" method=sft \
-    student.checkpoint_dir="$CKPT_DIR/$TEACHER" optimizer.lr="$TEACHER_LR" \
-    epochs="$TEACHER_EPOCHS" batch_size="$TEACHER_RANK_BATCH" ${teacher_args[@]+"${teacher_args[@]}"} \
-    ${train_args[@]+"${train_args[@]}"}
-  TEACHER_SFT_DIR=$RUN_DIR/teacher_sft/hf_model
-fi
-
-# ---------------------------------------------------------------- 2. student SFT (initialisation)
-if [[ -z $STUDENT_SFT_DIR ]]; then
-  train_step "$RUN_DIR/student_sft" "$CONFIG" "${common[@]}" method=sft \
-    student.checkpoint_dir="$CKPT_DIR/$STUDENT" batch_size="$RANK_BATCH" \
-    ${train_args[@]+"${train_args[@]}"}
-  STUDENT_SFT_DIR=$RUN_DIR/student_sft/hf_model
-fi
+# ---------------------------------------------------------------- 1-2. teacher SFT (LoRA, merged), student SFT (initialisation)
+sft_teacher_and_student
 
 # ---------------------------------------------------------------- 3. distillation
 steps=(teacher_sft student_sft)
