@@ -17,6 +17,20 @@ def _hf_weights(output_dir):
     return load_file(os.path.join(output_dir, "hf_model", "model.safetensors"))
 
 
+def _assert_same_losses(rows_a, rows_b, rel, keys=("loss",)):
+    """Two runs logged the same per-step values (up to ``rel``)."""
+    for a, b in zip(rows_a, rows_b):
+        for key in keys:
+            assert a[key] == pytest.approx(b[key], rel=rel), (a["step"], key)
+
+
+def _assert_same_weights(dir_a, dir_b, rtol, atol):
+    """The students two runs exported hold the same weights (compared in fp32)."""
+    wa, wb = _hf_weights(dir_a), _hf_weights(dir_b)
+    for k in wb:
+        torch.testing.assert_close(wa[k].float(), wb[k].float(), rtol=rtol, atol=atol)
+
+
 def _srkl64(student_logits, teacher_logits, labels, alpha=0.1):
     keep = labels != -100
     q = torch.softmax(student_logits.double()[keep], -1)
@@ -107,12 +121,9 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_assets, tmp_path):
     _, big = run_recipe(tiny_assets, str(tmp_path / "big"), "method=kd", "batch_size=8")
     _, acc = run_recipe(tiny_assets, str(tmp_path / "acc"), "method=kd", "batch_size=2",
                         "gradient_accumulation_steps=4")
-    for a, b in zip(acc, big):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-    wa, wb = _hf_weights(tmp_path / "acc"), _hf_weights(tmp_path / "big")
-    for k in wb:
-        # summation order differs; Adam turns ~1e-9 gradient differences into ~1e-6 steps
-        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+    _assert_same_losses(acc, big, rel=1e-5)
+    # summation order differs; Adam turns ~1e-9 gradient differences into ~1e-6 steps
+    _assert_same_weights(tmp_path / "acc", tmp_path / "big", rtol=1e-4, atol=1e-5)
 
 
 def test_lora_student_exports_merged_and_peft(tiny_assets, tmp_path):
@@ -178,12 +189,9 @@ def test_two_processes_give_the_losses_of_one_with_the_same_global_batch(tiny_as
     assert proc.returncode == 0, proc.stderr[-3000:]
     double = read_metrics(str(tmp_path / "two"))
     assert [r["step"] for r in double] == [r["step"] for r in single]
-    for a, b in zip(double, single):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    _assert_same_losses(double, single, rel=1e-5)
     assert double[-1]["val_loss"] == pytest.approx(single[-1]["val_loss"], rel=1e-5)
-    wa, wb = _hf_weights(tmp_path / "two"), _hf_weights(tmp_path / "one")
-    for k in wb:
-        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+    _assert_same_weights(tmp_path / "two", tmp_path / "one", rtol=1e-4, atol=1e-5)
 
 
 KILLER = r"""
@@ -244,9 +252,7 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_run(tiny_assets, tmp_pat
         assert last[r["step"]]["loss"] == pytest.approx(r["loss"], rel=1e-6), r["step"]
         for key in ("phi", "buffer_fill", "source_sgo", "source_replay"):
             assert last[r["step"]][key] == r[key], (r["step"], key)
-    wa, wb = _hf_weights(out), _hf_weights(tmp_path / "full")
-    for k in wb:
-        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
+    _assert_same_weights(out, tmp_path / "full", rtol=0, atol=1e-6)
     assert not (ckpt / ".step_00000004.tmp").exists()  # cleaned up by the next save
 
 
@@ -277,11 +283,8 @@ def test_activation_checkpointing_gives_the_same_training(tiny_assets, tmp_path)
     _, plain = run_recipe(tiny_assets, str(tmp_path / "plain"), "method=distillm", "sgo.phi0=1.0")
     _, ac = run_recipe(tiny_assets, str(tmp_path / "ac"), "method=distillm", "sgo.phi0=1.0",
                        "enable_activation_checkpointing=true")
-    for a, b in zip(ac, plain):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
-    wa, wb = _hf_weights(tmp_path / "ac"), _hf_weights(tmp_path / "plain")
-    for k in wb:
-        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+    _assert_same_losses(ac, plain, rel=1e-6)
+    _assert_same_weights(tmp_path / "ac", tmp_path / "plain", rtol=1e-5, atol=1e-6)
 
 
 def test_bf16_models_train_with_fp32_losses(tiny_assets, tmp_path):
@@ -337,19 +340,14 @@ def test_fused_loss_trains_like_the_logits_path(tiny_assets, tmp_path, method, e
                           "fused_loss_chunk_size=7")
     assert len(fused) == len(plain) == 3
     bf16 = "dtype=bf16" in extra  # bf16 matmuls in another order: equal up to bf16 rounding
+    _assert_same_losses(fused, plain, rel=2e-2 if bf16 else 1e-5, keys=("loss", "loss_div", "loss_ce"))
     for a, b in zip(fused, plain):
-        for key in ("loss", "loss_div", "loss_ce"):
-            assert a[key] == pytest.approx(b[key], rel=2e-2 if bf16 else 1e-5), key
         assert [a[f"source_{s}"] for s in ("dataset", "sgo", "replay")] == \
             [b[f"source_{s}"] for s in ("dataset", "sgo", "replay")]
     assert {s for r in plain for s in ("sgo", "replay") if r[f"source_{s}"] > 0} >= (
         {"sgo", "replay"} if method == "distillm" else set())
-    wa, wb = _hf_weights(tmp_path / "fused"), _hf_weights(tmp_path / "plain")
-    for k in wb:
-        if bf16:
-            torch.testing.assert_close(wa[k].float(), wb[k].float(), rtol=2e-2, atol=2e-2)
-        else:
-            torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+    _assert_same_weights(tmp_path / "fused", tmp_path / "plain",
+                         rtol=2e-2 if bf16 else 1e-4, atol=2e-2 if bf16 else 1e-5)
 
 
 @pytest.mark.parametrize("overrides, match", [
