@@ -73,6 +73,8 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from distillm_tune.eval.metrics import mean_std  # population std (ddof 0), as the evaluate recipe
+
 # --------------------------------------------------------------------------------- definitions
 
 SRKL = ["loss._component_=distillm_tune.losses.SkewReverseKLLoss", "loss.alpha=0.1"]
@@ -189,13 +191,8 @@ def read_metrics(path: str) -> List[Dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def mean_std(values: Sequence[float]) -> Tuple[float, float]:
-    """Population mean and std (ddof 0, as the evaluate recipe); NaN for no values."""
-    vals = [float(v) for v in values]
-    if not vals:
-        return float("nan"), float("nan")
-    m = sum(vals) / len(vals)
-    return m, math.sqrt(sum((v - m) ** 2 for v in vals) / len(vals))
+def _mean(values: Sequence[float]) -> float:
+    return mean_std(values)[0] if values else float("nan")
 
 
 def _set_threads(threads: int) -> None:
@@ -410,8 +407,8 @@ def summarize_run(seed_dirs: Dict[int, str]) -> Dict[str, Any]:
             "steps": len(step_rows),
             "train_time_s": sum(times),
             "step_time_s": sum(times) / len(times) if times else float("nan"),
-            "sgo_share": mean_std([r.get("source_sgo", 0.0) for r in step_rows])[0],
-            "replay_share": mean_std([r.get("source_replay", 0.0) for r in step_rows])[0],
+            "sgo_share": _mean([r.get("source_sgo", 0.0) for r in step_rows]),
+            "replay_share": _mean([r.get("source_replay", 0.0) for r in step_rows]),
             "gen_time_share": (sum(r.get("gen_time_share", 0.0) * r["step_time"] for r in step_rows) / sum(times)
                                if times and sum(times) > 0 else float("nan")),
             "final_phi": float(step_rows[-1].get("phi", 0.0)) if step_rows else float("nan"),
@@ -645,7 +642,7 @@ def plot(summary: Dict[str, Any], path_prefix: str) -> Dict[str, str]:
                 if not curves:
                     continue
                 k = min(len(c) for c in curves)
-                xs = [mean_std([c[i][0] for c in curves])[0] for i in range(k)]
+                xs = [_mean([c[i][0] for c in curves]) for i in range(k)]
                 ms = [mean_std([c[i][1] for c in curves]) for i in range(k)]
                 ys, sd = [m for m, _ in ms], [s for _, s in ms]
                 if start is not None:
