@@ -21,7 +21,6 @@ generation the schedule can ask for (every step uses SGO; with λ_R = 1 − t/T 
 """
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -58,19 +57,10 @@ def make_gpt2_shapes(assets: str) -> None:
 
 
 def run(assets: str, out: str, overrides):
-    from omegaconf import OmegaConf
+    """One recipe run on configs/tiny_cpu.yaml (``demo.run``); its per-step metrics rows."""
+    from distillm_tune.scripts.demo import run as run_recipe
 
-    from distillm_tune.recipes.kd_offpolicy import KDOffPolicyRecipe
-
-    cfg = OmegaConf.merge(OmegaConf.load(os.path.join(REPO, "configs", "tiny_cpu.yaml")),
-                          OmegaConf.from_dotlist([f"assets_dir={assets}", f"output_dir={out}", *overrides]))
-    recipe = KDOffPolicyRecipe(cfg)
-    recipe.setup()
-    recipe.train()
-    recipe.cleanup()
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    return rows
+    return run_recipe(os.path.basename(out), out, [f"assets_dir={assets}", f"output_dir={out}", *overrides])["rows"]
 
 
 def main():

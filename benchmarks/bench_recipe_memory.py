@@ -57,9 +57,8 @@ def make_long_rows(path: str, tokenizer_dir: str, rows: int, prompt_tokens: int,
 
 def child(args) -> None:
     import torch
-    from omegaconf import OmegaConf
 
-    from distillm_tune.recipes.kd_offpolicy import KDOffPolicyRecipe
+    from distillm_tune.scripts.demo import run
 
     torch.set_num_threads(args.threads)
     over = [f"assets_dir={args.assets}", f"output_dir={args.out}", "method=kd", "epochs=1",
@@ -69,12 +68,7 @@ def child(args) -> None:
             f"validation.dataset.source={args.assets}/data/long.jsonl"]
     if args.mode == "fused":
         over.append(f"fused_loss_chunk_size={args.chunk}")
-    cfg = OmegaConf.merge(OmegaConf.load(os.path.join(REPO, "configs", "tiny_cpu.yaml")), OmegaConf.from_dotlist(over))
-    recipe = KDOffPolicyRecipe(cfg)
-    recipe.setup()
-    recipe.train()
-    with open(os.path.join(args.out, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
+    rows = run(args.mode, args.out, over)["rows"]
     print("RESULT " + json.dumps({
         "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "step_s": statistics.mean(r["step_time"] for r in rows[1:]),
