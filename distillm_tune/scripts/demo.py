@@ -99,6 +99,15 @@ def sampled_rouge(model_dir: str, data: str, out_dir: str, seeds: Sequence[int],
     return {"mean": m["mean"], "std": m["std"], "per_seed": m["per_seed"]}
 
 
+def score_model(model_dir: str, data: str, eval_dir: str, eval_seeds: Sequence[int], limit: int,
+                max_prompt_len: int = 64, max_new_tokens: int = 32) -> Dict:
+    """``{"greedy": ROUGE-L, "sampled": {mean, std, per_seed}}`` (sampled only with ``eval_seeds``)."""
+    out = {"greedy": greedy_rouge(model_dir, data, max_prompt_len, max_new_tokens, limit)}
+    if eval_seeds:
+        out["sampled"] = sampled_rouge(model_dir, data, eval_dir, eval_seeds, limit, max_prompt_len, max_new_tokens)
+    return out
+
+
 def plot(curves: Dict[str, List[Dict]], path: str) -> None:
     import matplotlib
 
@@ -162,11 +171,12 @@ def main(argv=None) -> None:
     test = os.path.join(assets, "data", "test.jsonl")
     results = {}
     for name, r in runs.items():
-        results[name] = {"rouge_l": round(greedy_rouge(r["hf_model"], test, 64, 32, args.eval_examples), 2)}
-        if eval_seeds:
-            eval_dir = os.path.join(os.path.dirname(r["hf_model"]), "eval")
-            smp = sampled_rouge(r["hf_model"], test, eval_dir, eval_seeds, args.eval_examples, 64, 32)
-            results[name]["rouge_l_sampled"] = {"mean": round(smp["mean"], 2), "std": round(smp["std"], 2)}
+        score = score_model(r["hf_model"], test, os.path.join(os.path.dirname(r["hf_model"]), "eval"),
+                            eval_seeds, args.eval_examples)
+        results[name] = {"rouge_l": round(score["greedy"], 2)}
+        if "sampled" in score:
+            results[name]["rouge_l_sampled"] = {"mean": round(score["sampled"]["mean"], 2),
+                                                "std": round(score["sampled"]["std"], 2)}
         results[name].update(train_wall_s=round(r["wall_s"], 1), steps=r["rows"][-1]["step"])
     sampled_head = f" | test ROUGE-L, sampled ({len(eval_seeds)} seeds)" if eval_seeds else ""
     lines = [f"| model | test ROUGE-L, greedy{sampled_head} | training wall time (s) | steps |",

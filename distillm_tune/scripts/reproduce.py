@@ -224,12 +224,9 @@ def _check_settings(path: str, want: Dict[str, Any], what: str) -> None:
 # ---------------------------------------------------------------------------------- evaluation
 
 def score_model(model_dir: str, data: str, eval_dir: str, eval_seeds: Sequence[int], limit: int) -> Dict[str, Any]:
-    from distillm_tune.scripts.demo import greedy_rouge, sampled_rouge
+    from distillm_tune.scripts import demo
 
-    out = {"greedy": greedy_rouge(model_dir, data, MAX_PROMPT_LEN, MAX_NEW_TOKENS, limit)}
-    if eval_seeds:
-        out["sampled"] = sampled_rouge(model_dir, data, eval_dir, eval_seeds, limit, MAX_PROMPT_LEN, MAX_NEW_TOKENS)
-    return out
+    return demo.score_model(model_dir, data, eval_dir, eval_seeds, limit, MAX_PROMPT_LEN, MAX_NEW_TOKENS)
 
 
 # ---------------------------------------------------------------------------------- prepare
