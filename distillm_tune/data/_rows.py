@@ -49,8 +49,13 @@ def check_on_bad_row(on_bad_row: str) -> None:
 
 def _read_json_file(path: str) -> List[Row]:
     """A ``.json`` file holding a list of rows, or JSON lines under a ``.json`` name."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {e.start}); expected UTF-8 JSON") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
@@ -62,20 +67,27 @@ def _read_json_file(path: str) -> List[Row]:
 
 def _read_jsonl(path: str) -> List[Row]:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    # bytes, decoded line by line: a non-UTF-8 line is a bad row with its line number, not a
+    # UnicodeDecodeError for the whole file
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            loc = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                rows.append((loc, _Unparsable(f"not UTF-8 text at byte {e.start} of the line")))
+                continue
             if not line.strip():
                 continue
-            loc = f"{path}:{lineno}"
             try:
                 rows.append((loc, json.loads(line)))
             except json.JSONDecodeError as e:
-                rows.append((loc, _Unparsable(str(e))))
+                rows.append((loc, _Unparsable(f"not valid JSON ({e})")))
     return rows
 
 
 class _Unparsable(dict):
-    """A line that is not JSON: kept as a row so the schema check reports it with its location."""
+    """A line that is not JSON (or not UTF-8): kept as a row so the schema check reports it with its location."""
 
     def __init__(self, error: str):
         super().__init__()
@@ -117,7 +129,7 @@ def parse_rows(rows: List[Row], parse, on_bad_row: str, stats: DataStats) -> Lis
         stats.rows_read += 1
         try:
             if isinstance(row, _Unparsable):
-                raise ValueError(f"not valid JSON ({row.error})")
+                raise ValueError(row.error)
             if not isinstance(row, dict):
                 raise ValueError(f"expected a JSON object, got {type(row).__name__}")
             out.append(parse(row))

@@ -66,8 +66,16 @@ def read_hf_config(checkpoint_dir: PathLike) -> Dict[str, Any]:
     path = os.path.join(checkpoint_dir, CONFIG_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no {CONFIG_FILE} in checkpoint directory {checkpoint_dir!r}")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.start}): expected an HF config.json") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds a JSON {type(config).__name__}; expected an object (HF config.json)")
+    return config
 
 
 def _family(config: Dict[str, Any], where: str) -> ModelFamily:
@@ -98,12 +106,17 @@ def _weight_files(checkpoint_dir: str) -> List[str]:
 
 
 def _load_weight_file(path: str) -> StateDict:
-    if path.endswith(".safetensors"):
-        return load_safetensors(path, device="cpu")
-    try:  # mmap: shards are not copied into memory twice
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # files from torch < 1.6 (legacy format) cannot be mmapped
-        return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if path.endswith(".safetensors"):
+            return load_safetensors(path, device="cpu")
+        try:  # mmap: shards are not copied into memory twice
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # files from torch < 1.6 (legacy format) cannot be mmapped
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file fails in many ways
+        raise ValueError(
+            f"cannot read weight file {path!r} ({os.path.getsize(path)} bytes): {type(e).__name__}: {e}"
+        ) from e
 
 
 def _read_with_sources(checkpoint_dir: PathLike) -> Tuple[StateDict, Dict[str, str]]:
@@ -140,9 +153,12 @@ def build_hf_model(
     return _family(config, where).build(config, lora)
 
 
-def _build_on_meta(family: ModelFamily, config: Dict[str, Any], lora, dtype) -> nn.Module:
+def _build_on_meta(family: ModelFamily, config: Dict[str, Any], lora, dtype, where: str = CONFIG_FILE) -> nn.Module:
     with set_default_dtype(dtype), torch.device("meta"):
-        return family.build(config, lora)
+        try:
+            return family.build(config, lora)
+        except KeyError as e:
+            raise ValueError(f"{where} has no {e.args[0]!r}, which a {family.name} checkpoint needs") from None
 
 
 def _suffix_index(keys) -> Dict[str, Optional[str]]:
@@ -264,8 +280,8 @@ def load_hf(
     config_path = os.path.join(checkpoint_dir, CONFIG_FILE)
     family = _family(config, config_path)
     # Meta builds first: a config the family cannot express fails before any weight is read.
-    base_model = _build_on_meta(family, config, None, dtype)
-    target_model = _build_on_meta(family, config, lora, dtype)
+    base_model = _build_on_meta(family, config, None, dtype, config_path)
+    target_model = _build_on_meta(family, config, lora, dtype, config_path)
     hf_sd, sources = _read_with_sources(checkpoint_dir)
     _check_hf_shapes(family, config, base_model, hf_sd, sources, config_path)
     tune_sd = {

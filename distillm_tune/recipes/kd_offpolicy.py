@@ -46,8 +46,13 @@ from distillm_tune.sgo import (
     choose_source,
     shared_uniform,
 )
+from distillm_tune.sgo.scheduler import REPLAY_RATIOS
 from distillm_tune.training import RecipeCheckpointer, all_reduce_sum, init_process_group_for
+from distillm_tune.training.distributed import exit_with_launcher, run_on_rank_zero
 from distillm_tune.training.model_io import LAYER_CLASSES, model_io_for, output_projection
+from distillm_tune.training.output_dir import claim_output_dir
+from distillm_tune.training.resume import apply_optimizer_changes, config_changes
+from distillm_tune.training.settings import Rule, check_settings
 
 log = utils.get_logger("INFO")
 
@@ -61,6 +66,45 @@ METHOD_LOSSES = {
     "gkd": ("distillm_tune.losses.JSDLoss", {"beta": 0.1}),
     "distillm": ("distillm_tune.losses.SkewReverseKLLoss", {"alpha": 0.1}),
 }
+
+
+# Checked before anything is loaded (absent keys take the defaults the recipe reads below).
+SETTINGS = (
+    Rule("batch_size", int, 1, optional=False),
+    Rule("epochs", int, 1, optional=False),
+    Rule("max_steps_per_epoch", int, 1),
+    Rule("gradient_accumulation_steps", int, 1),
+    Rule("max_seq_len", int, 2, optional=False),
+    Rule("max_prompt_len", int, 1, optional=False),
+    Rule("kd_ratio", float, 0, 1),
+    Rule("seed", int, 0),
+    Rule("clip_grad_norm", float, 0, low_open=True),
+    Rule("num_output_chunks", int, 0),  # 0: one dense logits tensor
+    Rule("fused_loss_chunk_size", int, 1),
+    Rule("dtype", str, choices=("fp32", "bf16")),
+    Rule("enable_activation_checkpointing", bool),
+    Rule("validation.batch_size", int, 1),
+    Rule("validation.max_examples", int, 1),
+    Rule("validation.every_n_steps", int, 1),
+    Rule("validation.rouge_examples", int, 0),
+    Rule("save_every_n_steps", int, 1),
+    Rule("keep_last_checkpoints", int, 1),
+    Rule("log_every_n_steps", int, 1),
+    Rule("resume_from_checkpoint", bool),
+    Rule("overwrite", bool),
+    Rule("sgo.max_new_tokens", int, 1),
+    Rule("sgo.temperature", float, 0),
+    Rule("sgo.top_p", float, 0, 1, low_open=True),
+    Rule("sgo.top_k", int, 1),
+    Rule("sgo.buffer_size", int, 1),
+    Rule("sgo.phi0", float, 0, 1),
+    Rule("sgo.num_stages", int, 1),
+    Rule("sgo.tolerance", float, 0),
+    Rule("sgo.replay_ratio", str, choices=REPLAY_RATIOS),
+    Rule("sgo.gkd_sgo_prob", float, 0, 1),
+    Rule("lm.coef", float, 0),
+    Rule("lm.batch_size", int, 1),
+)
 
 
 def _setting_error(setting: str, message: str) -> ValueError:
@@ -78,6 +122,10 @@ class KDOffPolicyRecipe:
         self.method = cfg.get("method", "distillm")
         if self.method not in METHODS:
             raise _setting_error("method", f"unknown method {self.method!r}; expected one of {list(METHODS)}")
+        check_settings(cfg, SETTINGS)
+        if cfg.max_prompt_len >= cfg.max_seq_len:
+            raise _setting_error("max_prompt_len", f"must be below max_seq_len={cfg.max_seq_len}, got {cfg.max_prompt_len}")
+        exit_with_launcher()
         self.device = utils.get_device(cfg.get("device", "cpu"))
         self.dtype = training.get_dtype(cfg.get("dtype", "fp32"), device=self.device)
         self.world_size, self.rank = init_process_group_for(self.device)
@@ -110,28 +158,20 @@ class KDOffPolicyRecipe:
         student_dir = self._existing_dir("student.checkpoint_dir", cfg.student.checkpoint_dir)
         teacher_dir = self._existing_dir("teacher.checkpoint_dir", cfg.teacher.checkpoint_dir) if self.uses_teacher else None
         self.student_dir = student_dir
+        self.resuming = bool(cfg.get("resume_from_checkpoint", False))
+        self.checkpointer = RecipeCheckpointer(self.output_dir, keep_last=int(cfg.get("keep_last_checkpoints", 2)),
+                                               device=self.device)
+        self._output_lock = None
+        run_on_rank_zero(self._claim_output_dir)
+        resume_path = self._find_resume_checkpoint() if self.resuming else None
         self.loss_fn = self._build_loss(student_dir, teacher_dir)
-        self.tokenizer = load_hf_tokenizer(student_dir)
+        self.tokenizer = self._checked("student.checkpoint_dir", load_hf_tokenizer, student_dir)
         student_config = read_hf_config(student_dir)
         self.io = model_io_for(family_for(student_config["model_type"]), self.tokenizer, student_config)
         if teacher_dir is not None:
             self._check_same_tokenizer(student_dir, teacher_dir)
         self.train_data, self.valid_data = self._build_data()
         self.lm_data, self.lm_coef, self.lm_batch_size = self._build_lm_data()
-
-        lora = cfg.student.get("lora", None)
-        self.lora = None if lora is None else LoRASettings(
-            **{k: (tuple(v) if k == "lora_attn_modules" else v) for k, v in OmegaConf.to_container(lora).items()}
-        )
-        torch.manual_seed(self.seed)  # identical LoRA init on every rank
-        self.student = self._load_model(student_dir, self.lora, trainable=True)
-        self.teacher = self._load_model(teacher_dir, None, trainable=False) if self.uses_teacher else None
-
-        num_chunks = int(cfg.get("num_output_chunks", 8))
-        for model in (self.student, self.teacher):
-            if model is not None:
-                self.io.prepare(model, num_chunks)
-        self.fused_loss = self._build_fused_loss()
 
         self.micro_batches_per_epoch = len(self.train_data) // (self.batch_size * self.world_size)
         steps = self.micro_batches_per_epoch // self.grad_accum
@@ -145,7 +185,26 @@ class KDOffPolicyRecipe:
             )
         self.steps_per_epoch = steps
         self.total_steps = steps * int(cfg.epochs)
+        resume_state = self._read_resume_state(resume_path) if resume_path else None
 
+        lora = cfg.student.get("lora", None)
+        self.lora = None if lora is None else LoRASettings(
+            **{k: (tuple(v) if k == "lora_attn_modules" else v) for k, v in OmegaConf.to_container(lora).items()}
+        )
+        torch.manual_seed(self.seed)  # identical LoRA init on every rank
+        self.student = self._load_model("student.checkpoint_dir", student_dir, self.lora, trainable=True)
+        self.teacher = self._load_model("teacher.checkpoint_dir", teacher_dir, None, trainable=False) if self.uses_teacher else None
+
+        num_chunks = int(cfg.get("num_output_chunks", 8))
+        for model in (self.student, self.teacher):
+            if model is not None:
+                self.io.prepare(model, num_chunks)
+        self.fused_loss = self._build_fused_loss()
+
+        if resume_state is not None:
+            # Before the optimizer exists: under FSDP loading replaces the parameter objects, and an
+            # optimizer built earlier would keep stepping the old ones (and fail at the next save).
+            self._load_student_state(resume_state["model"], resume_path)
         trainable = [p for p in self.student.parameters() if p.requires_grad]
         self.optimizer = config.instantiate(cfg.optimizer, trainable)
         self.lr_scheduler = config.instantiate(cfg.lr_scheduler, self.optimizer, num_training_steps=self.total_steps)
@@ -164,21 +223,44 @@ class KDOffPolicyRecipe:
         self.sample_gen = torch.Generator(device=self.device).manual_seed(self.seed + 1000 + self.rank)
         self.buffer_gen = torch.Generator().manual_seed(self.seed + 2000 + self.rank)
 
-        self.checkpointer = RecipeCheckpointer(self.output_dir, keep_last=int(cfg.get("keep_last_checkpoints", 2)))
         self.metric_logger = config.instantiate(cfg.metric_logger) if self.is_rank_zero else None
         self.global_step, self.epoch, self.step_in_epoch = 0, 0, 0
         self.train_time = 0.0
         self.best_rouge = float("-inf")
-        if cfg.get("resume_from_checkpoint", False):
-            self._resume()
-        elif self.method == "distillm":
-            # L_prev starts as the validation loss of the initial student (paper App. C)
-            self.scheduler.start(self.validation_loss())
+        if resume_state is not None:
+            self._resume(resume_state, resume_path)
+        else:
+            self.checkpointer.start_run()
+            if self.method == "distillm":
+                # L_prev starts as the validation loss of the initial student (paper App. C)
+                self.scheduler.start(self.validation_loss())
+
+    def _claim_output_dir(self) -> None:
+        """Rank 0: lock ``output_dir`` and refuse an earlier run's outputs unless resuming or
+        overwriting (training/output_dir.py)."""
+        try:
+            self._output_lock = claim_output_dir(str(self.output_dir), self.resuming, bool(self.cfg.get("overwrite", False)))
+        except (ValueError, OSError) as e:
+            raise _setting_error("output_dir", str(e)) from None
 
     def _existing_dir(self, setting: str, path: Optional[str]) -> str:
+        """A checkpoint directory whose config.json is readable and names a known family."""
         if path is None or not os.path.isdir(str(path)):
             raise _setting_error(setting, f"checkpoint directory {path!r} does not exist")
+        hf_config = self._checked(setting, read_hf_config, str(path))
+        if "model_type" not in hf_config:
+            raise _setting_error(setting, f"{os.path.join(str(path), 'config.json')} has no 'model_type'; "
+                                          "expected an HF config.json naming the model family")
+        self._checked(setting, family_for, hf_config["model_type"])
         return str(path)
+
+    @staticmethod
+    def _checked(setting: str, fn, *args, **kwargs):
+        """``fn(*args)``, with a failure reported under the config key it comes from."""
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, OSError, KeyError, NotImplementedError) as e:
+            raise _setting_error(setting, str(e)) from e
 
     def _build_fused_loss(self) -> Optional[FusedLinearDivergence]:
         """``fused_loss_chunk_size: N``: the divergence from final hidden states and output weights,
@@ -188,8 +270,6 @@ class KDOffPolicyRecipe:
         if chunk is None:
             return None
         key = "fused_loss_chunk_size"
-        if int(chunk) < 1:
-            raise _setting_error(key, f"must be a positive number of tokens or null, got {chunk}")
         if self.loss_fn is None:
             raise _setting_error(key, f"method={self.method} has no divergence to fuse; set it to null")
         if self.io.is_encoder_decoder:
@@ -242,7 +322,7 @@ class KDOffPolicyRecipe:
             raise _setting_error("loss", f"{loss_cfg}: {e}") from e
 
     def _check_same_tokenizer(self, student_dir: str, teacher_dir: str) -> None:
-        teacher_tok = load_hf_tokenizer(teacher_dir)
+        teacher_tok = self._checked("teacher.checkpoint_dir", load_hf_tokenizer, teacher_dir)
         probe = "Below is an instruction. 123 + 45 = 168, Zürich!"
         s_ids, t_ids = self.tokenizer.encode(probe, add_bos=False), teacher_tok.encode(probe, add_bos=False)
         s_special = (self.tokenizer.eos_id, self.tokenizer.vocab_size)
@@ -269,8 +349,14 @@ class KDOffPolicyRecipe:
         for setting, dcfg in (("dataset.source", train_cfg), ("validation.dataset.source", cfg.validation.dataset)):
             if not os.path.exists(str(dcfg.source)):
                 raise _setting_error(setting, f"{dcfg.source!r} does not exist")
-        train = config.instantiate(train_cfg, self.tokenizer)
-        valid = config.instantiate(cfg.validation.dataset, self.tokenizer)
+        train = self._checked("dataset", config.instantiate, train_cfg, self.tokenizer)
+        valid = self._checked("validation.dataset", config.instantiate, cfg.validation.dataset, self.tokenizer)
+        # An empty split would train on nothing, or validate to a loss of 0 that drives the scheduler.
+        for setting, source, data in (("dataset.source", train_cfg.source, train),
+                                      ("validation.dataset.source", cfg.validation.dataset.source, valid)):
+            if len(data) == 0:
+                raise _setting_error(setting, f"{source!r} gives no usable example ({data.stats.summary()}); "
+                                              "expected rows whose prompt and response fit max_prompt_len/max_seq_len")
         if self.is_rank_zero:
             log.info(f"train: {train.stats.summary()}; valid: {valid.stats.summary()}")
         return train, valid
@@ -295,8 +381,8 @@ class KDOffPolicyRecipe:
         start = micro_index * g + self.rank * self.lm_batch_size
         return collate_packed([self.lm_data[(start + j) % len(self.lm_data)] for j in range(self.lm_batch_size)])
 
-    def _load_model(self, checkpoint_dir: str, lora: Optional[LoRASettings], trainable: bool) -> nn.Module:
-        model = load_hf(checkpoint_dir, dtype=self.dtype, lora=lora)
+    def _load_model(self, setting: str, checkpoint_dir: str, lora: Optional[LoRASettings], trainable: bool) -> nn.Module:
+        model = self._checked(setting, load_hf, checkpoint_dir, dtype=self.dtype, lora=lora)
         if trainable and lora is not None:
             set_trainable_params(model, get_adapter_params(model))
         elif not trainable:
@@ -560,6 +646,8 @@ class KDOffPolicyRecipe:
             "model": self._model_state(),
             "optimizer": self._optimizer_state(),
             "recipe_state": {
+                "run_id": self.checkpointer.run_id,
+                "config": OmegaConf.to_container(self.cfg, resolve=True),
                 "global_step": self.global_step,
                 "epoch": self.epoch,
                 "step_in_epoch": self.step_in_epoch,
@@ -570,6 +658,7 @@ class KDOffPolicyRecipe:
                 "policy_gen": self.policy_gen.get_state(),
                 "method": self.method,
                 "total_steps": self.total_steps,
+                "steps_per_epoch": self.steps_per_epoch,
             },
         }
         per_rank = {
@@ -584,30 +673,74 @@ class KDOffPolicyRecipe:
             log.info(f"saved training state at step {self.global_step} to {path}")
         return path
 
-    def _resume(self) -> None:
-        path = self.checkpointer.latest()
-        if path is None:
-            raise _setting_error(
-                "resume_from_checkpoint",
-                f"no checkpoint found under {self.checkpointer.root!r} to resume from",
-            )
-        state = self.checkpointer.load(path, self.world_size)
+    def _find_resume_checkpoint(self) -> str:
+        """Rank 0 picks the newest intact checkpoint of the run (verified against its manifest);
+        a corrupt newer one is set aside with a warning naming both. Every rank gets the path."""
+        def find() -> str:
+            ckpt = self.checkpointer
+            try:
+                path, skipped = ckpt.find_resumable(self.world_size)
+            except ValueError as e:
+                raise _setting_error("resume_from_checkpoint", str(e)) from None
+            if path is None:
+                why = "; ".join(f"{p}: {reason}" for p, reason in skipped)
+                raise _setting_error(
+                    "resume_from_checkpoint",
+                    (f"no intact checkpoint under {ckpt.root!r} to resume from ({why})" if why else
+                     f"no checkpoint found under {ckpt.root!r} to resume from")
+                    + "; start afresh with overwrite=true or in another output_dir",
+                )
+            for bad, reason in skipped:
+                aside = ckpt.set_aside(bad)
+                log.warning(f"checkpoint {bad} is corrupt ({reason}); resuming from {path} instead "
+                            f"(the corrupt one is kept as {aside})")
+            return path
+
+        return run_on_rank_zero(find)
+
+    def _read_resume_state(self, path: str) -> Dict[str, Any]:
+        """The checkpoint's state, once its settings were compared with this run's (before any
+        model is loaded): refused changes stop here, the others are logged and applied later."""
+        state = self._checked("resume_from_checkpoint", self.checkpointer.load, path)
         rs = state["recipe_state"]
-        if rs["method"] != self.method or rs["total_steps"] != self.total_steps:
+        if "config" in rs:
+            self._resume_changes = self._checked(
+                "resume_from_checkpoint", config_changes, rs["config"], OmegaConf.to_container(self.cfg, resolve=True), path)
+        else:  # written before configs were kept in checkpoints
+            self._resume_changes = []
+            if rs["method"] != self.method or rs["total_steps"] != self.total_steps:
+                raise _setting_error(
+                    "resume_from_checkpoint",
+                    f"{path!r} was written by method={rs['method']} with {rs['total_steps']} total steps; "
+                    f"this run has method={self.method} with {self.total_steps}",
+                )
+        if rs.get("steps_per_epoch", self.steps_per_epoch) != self.steps_per_epoch:
             raise _setting_error(
-                "resume_from_checkpoint",
-                f"{path!r} was written by method={rs['method']} with {rs['total_steps']} total steps; "
-                f"this run has method={self.method} with {self.total_steps}",
+                "dataset.source",
+                f"gives {self.steps_per_epoch} steps per epoch but {path!r} was written with "
+                f"{rs['steps_per_epoch']}: the training data changed since the checkpoint",
             )
+        if rs["global_step"] > self.total_steps:
+            raise _setting_error("epochs", f"{self.cfg.epochs} epochs give {self.total_steps} steps, fewer than the "
+                                           f"{rs['global_step']} {path!r} has already trained")
+        return state
+
+    def _load_student_state(self, model_state: Dict[str, torch.Tensor], path: str) -> None:
         if self.distributed:
-            training.load_from_full_model_state_dict(self.student, state["model"], self.device, strict=False)
+            training.load_from_full_model_state_dict(self.student, model_state, self.device, strict=False)
+            return
+        missing, unexpected = self.student.load_state_dict(model_state, strict=False)
+        if unexpected or (self.lora is None and missing):
+            raise ValueError(f"{path}/model.pt does not fit the student: missing {missing}, unexpected {unexpected}")
+
+    def _resume(self, state: Dict[str, Any], path: str) -> None:
+        rs = state["recipe_state"]
+        if self.distributed:
             training.load_from_full_optimizer_state_dict(self.student, self.optimizer, state["optimizer"], self.device)
         else:
-            missing, unexpected = self.student.load_state_dict(state["model"], strict=False)
-            if unexpected or (self.lora is None and missing):
-                raise ValueError(f"{path}/model.pt does not fit the student: missing {missing}, unexpected {unexpected}")
             self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(rs["lr_scheduler"])
+        apply_optimizer_changes(self.optimizer, self.lr_scheduler, self._resume_changes)
         self.scheduler.load_state_dict(rs["scheduler"])
         self.policy_gen.set_state(rs["policy_gen"])
         self.global_step, self.epoch, self.step_in_epoch = rs["global_step"], rs["epoch"], rs["step_in_epoch"]
@@ -619,6 +752,8 @@ class KDOffPolicyRecipe:
         torch.set_rng_state(r["torch_rng"])
         if r["cuda_rng"] is not None:
             torch.cuda.set_rng_state(r["cuda_rng"])
+        if self.checkpointer.run_id is None:  # a checkpoint from before run ids: adopt one now
+            self.checkpointer.start_run()
         if self.is_rank_zero:
             log.info(f"resumed from {path} at step {self.global_step} (epoch {self.epoch})")
 
@@ -643,6 +778,8 @@ class KDOffPolicyRecipe:
     def cleanup(self) -> None:
         if self.metric_logger is not None:
             self.metric_logger.close()
+        if self._output_lock is not None:
+            self._output_lock.close()
         if dist.is_initialized():
             dist.destroy_process_group()
 

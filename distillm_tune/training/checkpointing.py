@@ -1,28 +1,43 @@
-"""Training-state checkpoints that survive a kill at any moment.
+"""Training-state checkpoints that survive a kill at any moment, a full disk and a corrupt file.
 
 Layout under ``output_dir/checkpoints``::
 
+    run.json                the id of the run these checkpoints belong to
     step_00000040/          one complete checkpoint
         model.pt            trainable weights (full student, or LoRA adapters only)   [rank 0]
         optimizer.pt        optimizer state (full, gathered)                         [rank 0]
-        recipe_state.pt     step, data cursor, schedulers, shared RNG, ...           [rank 0]
+        recipe_state.pt     step, data cursor, schedulers, shared RNG, config, ...   [rank 0]
         rank_00000.pt       what differs per rank: replay buffer, RNG states          [each rank]
+        manifest.json       run id, step, world size, size and sha256 of every file  [rank 0, last]
     latest                  the name of the newest complete checkpoint
 
-Every rank writes into ``.step_00000040.tmp``; rank 0 renames it to ``step_00000040`` only after
-all ranks have finished, then rewrites ``latest`` through a temporary file and ``os.replace``.
-A process killed at any point leaves either the new checkpoint complete or the previous one
-untouched (a stale ``.tmp`` folder is removed by the next save).
+Every rank writes into ``.step_00000040.tmp``; rank 0 writes the manifest and renames the folder
+to ``step_00000040`` only after all ranks have finished, then rewrites ``latest`` through a
+temporary file and ``os.replace``. A process killed at any point leaves either the new checkpoint
+complete or the previous one untouched; a failed write (a full disk) removes the torn folder and
+says where and how much space is left. On resume, a checkpoint whose files do not match its
+manifest is skipped for the newest intact one of the same run, with a warning naming both, and
+is renamed ``corrupt_step_...`` so that neither pruning nor a later resume picks it again.
+Pruning keeps the newest ``keep_last`` checkpoints of this run by step number and never removes
+the one ``latest`` names.
 """
 
+import hashlib
+import json
+import logging
 import os
 import shutil
-from typing import Any, Dict, Optional
+import uuid
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
+log = logging.getLogger(__name__)
+
 SHARED_FILES = ("model.pt", "optimizer.pt", "recipe_state.pt")
+MANIFEST = "manifest.json"
+RUN_FILE = "run.json"
 
 
 def _barrier() -> None:
@@ -30,94 +45,267 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _save_atomic(obj: Any, path: str) -> None:
+def all_ranks_ok(ok: bool, device: torch.device) -> bool:
+    """True when ``ok`` holds on every rank: a failure on one rank is seen by all in the same call,
+    so that no rank goes on to a collective the others will never reach."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return ok
+    flag = torch.tensor([0.0 if ok else 1.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.SUM)
+    return flag.item() == 0.0
+
+
+def sha256_of(path: str, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_text_atomic(path: str, text: str) -> None:
     tmp = path + ".tmp"
-    torch.save(obj, tmp)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-class RecipeCheckpointer:
-    """Saves and finds training-state checkpoints; ``keep_last`` complete ones are kept."""
+def _free_space(path: str) -> str:
+    while path and not os.path.exists(path):
+        path = os.path.dirname(path)
+    try:
+        return f"{shutil.disk_usage(path or '.').free / 2**20:.1f} MiB free"
+    except OSError:
+        return "free space unknown"
 
-    def __init__(self, output_dir: str, keep_last: int = 2):
+
+def step_of(name: str) -> int:
+    """``step_00000040`` -> 40 (any number of digits)."""
+    return int(name[len("step_"):])
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written; the previous one is intact."""
+
+
+class RecipeCheckpointer:
+    """Saves, verifies and finds the training-state checkpoints of one run."""
+
+    def __init__(self, output_dir: str, keep_last: int = 2, device: Optional[torch.device] = None):
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
         self.root = os.path.join(output_dir, "checkpoints")
         self.keep_last = keep_last
+        self.device = device or torch.device("cpu")
         self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.run_id: Optional[str] = None
 
     @staticmethod
     def name(step: int) -> str:
         return f"step_{step:08d}"
 
-    def save(self, step: int, shared: Optional[Dict[str, Any]], per_rank: Dict[str, Any]) -> str:
-        """Collective: every rank calls it; ``shared`` (model, optimizer, recipe_state) only
-        matters on rank 0."""
-        final = os.path.join(self.root, self.name(step))
-        tmp = os.path.join(self.root, f".{self.name(step)}.tmp")
+    # ---------------------------------------------------------------------------------- run id
+
+    def start_run(self) -> str:
+        """A fresh run: a new id, written to ``checkpoints/run.json`` (rank 0) and kept by every rank."""
+        run_id = uuid.uuid4().hex if self.rank == 0 else None
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            box = [run_id]
+            dist.broadcast_object_list(box, src=0)
+            run_id = box[0]
         if self.rank == 0:
             os.makedirs(self.root, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-        _barrier()
-        _save_atomic(per_rank, os.path.join(tmp, f"rank_{self.rank:05d}.pt"))
+            _write_text_atomic(os.path.join(self.root, RUN_FILE), json.dumps({"run_id": run_id}))
+        self.run_id = run_id
+        return run_id
+
+    def recorded_run_id(self) -> Optional[str]:
+        try:
+            with open(os.path.join(self.root, RUN_FILE)) as f:
+                return json.load(f)["run_id"]
+        except (OSError, ValueError, KeyError):
+            return None
+
+    # ------------------------------------------------------------------------------------ save
+
+    def save(self, step: int, shared: Optional[Dict[str, Any]], per_rank: Dict[str, Any]) -> str:
+        """Collective: every rank calls it; ``shared`` (model, optimizer, recipe_state) only
+        matters on rank 0. Raises :class:`CheckpointWriteError` on every rank if any rank fails."""
+        final = os.path.join(self.root, self.name(step))
+        tmp = os.path.join(self.root, f".{self.name(step)}.tmp")
+        error = None
         if self.rank == 0:
-            for key in ("model", "optimizer", "recipe_state"):
-                _save_atomic(shared[key], os.path.join(tmp, f"{key}.pt"))
-        _barrier()
+            try:
+                os.makedirs(self.root, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+                os.makedirs(tmp)
+            except OSError as e:
+                error = e
+        if all_ranks_ok(error is None, self.device):
+            try:
+                torch.save(per_rank, os.path.join(tmp, f"rank_{self.rank:05d}.pt"))
+                if self.rank == 0:
+                    for key in ("model", "optimizer", "recipe_state"):
+                        torch.save(shared[key], os.path.join(tmp, f"{key}.pt"))
+            except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError
+                error = e
+        ok = all_ranks_ok(error is None, self.device)
+        if ok and self.rank == 0:
+            try:
+                self._write_manifest(tmp, step)
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(tmp, final)
+                _write_text_atomic(os.path.join(self.root, "latest"), self.name(step))
+            except OSError as e:
+                error = e
+        ok = all_ranks_ok(error is None, self.device)
+        if not ok:
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            previous = self.latest_pointer()
+            raise CheckpointWriteError(
+                f"could not write checkpoint {final!r}"
+                + (f": {type(error).__name__}: {error}" if error is not None else " (failed on another rank)")
+                + f"; {_free_space(self.root)} on that file system. The torn folder was removed; "
+                + (f"the previous checkpoint {previous!r} is intact." if previous else "no earlier checkpoint exists.")
+            )
         if self.rank == 0:
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            with open(os.path.join(self.root, "latest.tmp"), "w") as f:
-                f.write(self.name(step))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(os.path.join(self.root, "latest.tmp"), os.path.join(self.root, "latest"))
-            self._prune()
+            self._prune(keep=self.name(step))
         _barrier()
         return final
 
-    def _complete(self):
+    def _write_manifest(self, folder: str, step: int) -> None:
+        files = {}
+        for f in sorted(os.listdir(folder)):
+            p = os.path.join(folder, f)
+            files[f] = {"bytes": os.path.getsize(p), "sha256": sha256_of(p)}
+        manifest = {"run_id": self.run_id, "step": step, "world_size": len([f for f in files if f.startswith("rank_")]),
+                    "files": files}
+        _write_text_atomic(os.path.join(folder, MANIFEST), json.dumps(manifest, indent=1))
+
+    def _names(self) -> List[str]:
+        """Complete checkpoint folders, oldest step first."""
         if not os.path.isdir(self.root):
             return []
-        return sorted(d for d in os.listdir(self.root) if d.startswith("step_"))
+        names = [d for d in os.listdir(self.root) if d.startswith("step_") and d[5:].isdigit()]
+        return sorted(names, key=step_of)
 
-    def _prune(self) -> None:
-        for old in self._complete()[: -self.keep_last]:
-            shutil.rmtree(os.path.join(self.root, old), ignore_errors=True)
+    def _run_of(self, name: str) -> Optional[str]:
+        try:
+            with open(os.path.join(self.root, name, MANIFEST)) as f:
+                return json.load(f).get("run_id")
+        except (OSError, ValueError):
+            return None
+
+    def _prune(self, keep: str) -> None:
+        mine = [n for n in self._names() if self._run_of(n) == self.run_id]
+        protected = {keep, self.latest_pointer(name_only=True)}
+        for old in mine[: -self.keep_last]:
+            if old not in protected:
+                shutil.rmtree(os.path.join(self.root, old), ignore_errors=True)
         for d in os.listdir(self.root):
             if d.startswith(".step_") and d.endswith(".tmp"):
                 shutil.rmtree(os.path.join(self.root, d), ignore_errors=True)
 
-    def latest(self) -> Optional[str]:
-        """The newest complete checkpoint directory, or None."""
-        pointer = os.path.join(self.root, "latest")
-        if os.path.isfile(pointer):
-            with open(pointer) as f:
-                path = os.path.join(self.root, f.read().strip())
-            if os.path.isdir(path):
-                return path
-        done = self._complete()
-        return os.path.join(self.root, done[-1]) if done else None
+    # ---------------------------------------------------------------------------------- resume
 
-    def load(self, path: str, world_size: int) -> Dict[str, Any]:
-        """``{"model", "optimizer", "recipe_state", "rank"}`` of a checkpoint for this rank."""
-        missing = [f for f in SHARED_FILES if not os.path.isfile(os.path.join(path, f))]
-        rank_file = os.path.join(path, f"rank_{self.rank:05d}.pt")
-        if missing or not os.path.isfile(rank_file):
-            raise FileNotFoundError(
-                f"checkpoint {path!r} is incomplete: missing {missing or [os.path.basename(rank_file)]}"
-            )
-        n_ranks = len([f for f in os.listdir(path) if f.startswith("rank_")])
+    def latest_pointer(self, name_only: bool = False) -> Optional[str]:
+        """What ``latest`` names (it may have been removed or be corrupt), or None."""
+        try:
+            with open(os.path.join(self.root, "latest")) as f:
+                name = f.read().strip()
+        except OSError:
+            return None
+        return name if name_only else os.path.join(self.root, name)
+
+    def latest(self) -> Optional[str]:
+        """The newest complete checkpoint directory by ``latest`` or step number (unverified), or None."""
+        pointer = self.latest_pointer()
+        if pointer is not None and os.path.isdir(pointer):
+            return pointer
+        names = self._names()
+        return os.path.join(self.root, names[-1]) if names else None
+
+    def verify(self, path: str, world_size: int) -> Optional[str]:
+        """None if the checkpoint at ``path`` is intact and fits ``world_size`` ranks, else why not."""
+        manifest_path = os.path.join(path, MANIFEST)
+        if not os.path.isfile(manifest_path):
+            # written before manifests existed: the files must at least be there
+            missing = [f for f in SHARED_FILES if not os.path.isfile(os.path.join(path, f))]
+            if missing:
+                return f"missing {missing}"
+            n_ranks = len([f for f in os.listdir(path) if f.startswith("rank_")])
+            manifest = {"world_size": n_ranks, "files": {}}
+        else:
+            try:
+                with open(manifest_path) as f:
+                    manifest = json.load(f)
+                manifest["files"]
+            except (OSError, ValueError, KeyError) as e:
+                return f"unreadable {MANIFEST} ({e})"
+        for name, meta in manifest["files"].items():
+            p = os.path.join(path, name)
+            if not os.path.isfile(p):
+                return f"{name} is missing"
+            size = os.path.getsize(p)
+            if size != meta["bytes"]:
+                return f"{name} has {size} bytes, the manifest says {meta['bytes']}"
+            if sha256_of(p) != meta["sha256"]:
+                return f"{name} does not match its sha256 in the manifest"
+        n_ranks = manifest.get("world_size")
         if n_ranks != world_size:
             raise ValueError(
-                f"checkpoint {path!r} was written by {n_ranks} ranks but this run has "
-                f"{world_size}: resume with the same number of processes"
+                f"checkpoint {path!r} was written by {n_ranks} ranks but this run has {world_size}: "
+                "resume with the same number of processes"
             )
-        load = lambda f: torch.load(os.path.join(path, f), map_location="cpu", weights_only=False)  # noqa: E731
-        return {
-            "model": load("model.pt"),
-            "optimizer": load("optimizer.pt"),
-            "recipe_state": load("recipe_state.pt"),
-            "rank": load(os.path.basename(rank_file)),
-        }
+        return None
+
+    def find_resumable(self, world_size: int) -> Tuple[Optional[str], List[Tuple[str, str]]]:
+        """(newest intact checkpoint of this output dir's run, [(skipped path, why)]).
+
+        Candidates are the checkpoint ``latest`` names, then the others up to its step, newest
+        first; a checkpoint of another run (by the id in ``run.json``) is never a candidate."""
+        run_id = self.recorded_run_id()
+        pointer = self.latest_pointer()
+        if pointer is not None and not os.path.isdir(pointer):
+            pointer = None
+        limit = step_of(os.path.basename(pointer)) if pointer else None
+        ordered = ([pointer] if pointer else []) + [
+            os.path.join(self.root, n) for n in reversed(self._names())
+            if os.path.join(self.root, n) != pointer and (limit is None or step_of(n) <= limit)
+        ]
+        skipped = []
+        for path in ordered:
+            other_run = self._run_of(os.path.basename(path))
+            if run_id is not None and other_run is not None and other_run != run_id:
+                continue
+            why = self.verify(path, world_size)
+            if why is None:
+                return path, skipped
+            skipped.append((path, why))
+        return None, skipped
+
+    def set_aside(self, path: str) -> str:
+        """Rename a corrupt checkpoint to ``corrupt_<name>`` (kept for inspection, out of every search)."""
+        target = os.path.join(self.root, "corrupt_" + os.path.basename(path))
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(path, target)
+        return target
+
+    def load(self, path: str) -> Dict[str, Any]:
+        """``{"model", "optimizer", "recipe_state", "rank"}`` of a verified checkpoint for this rank."""
+        rank_file = os.path.join(path, f"rank_{self.rank:05d}.pt")
+
+        def load(f):
+            full = os.path.join(path, f)
+            try:
+                return torch.load(full, map_location="cpu", weights_only=False)
+            except Exception as e:  # noqa: BLE001 - any failure to read is reported with the file
+                raise ValueError(f"cannot read checkpoint file {full!r}: {type(e).__name__}: {e}") from e
+
+        state = {key: load(f"{key}.pt") for key in ("model", "optimizer", "recipe_state")}
+        state["rank"] = load(os.path.basename(rank_file))
+        self.run_id = state["recipe_state"].get("run_id") or self._run_of(os.path.basename(path))
+        return state

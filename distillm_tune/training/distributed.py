@@ -5,7 +5,9 @@ CPU-only build (no NCCL); here the backend follows the device: gloo on CPU, NCCL
 """
 
 import os
-from typing import Tuple
+import signal
+import sys
+from typing import Any, Callable, Tuple
 
 import torch
 import torch.distributed as dist
@@ -31,3 +33,37 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def run_on_rank_zero(fn: Callable[[], Any]) -> Any:
+    """``fn()`` on rank 0 only (file-system checks and writes); its result, or the ``ValueError``
+    it raised, reaches every rank, so all ranks stop together instead of waiting in a collective."""
+    result, message = None, None
+    if is_rank_zero():
+        try:
+            result = fn()
+        except ValueError as e:
+            message = str(e)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [(result, message)]
+        dist.broadcast_object_list(box, src=0)
+        result, message = box[0]
+    if message is not None:
+        raise ValueError(message)
+    return result
+
+
+def exit_with_launcher() -> None:
+    """Have the kernel send SIGTERM to this worker when its parent (torchrun's agent, i.e. the
+    ``tune run`` process) dies: a SIGKILLed launcher would otherwise leave its workers training
+    on, writing into the output directory. Linux only; elsewhere a no-op."""
+    if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1  # noqa: N806 - the name in <linux/prctl.h>
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+        return
+    if os.getppid() == 1:  # the launcher died before the call above: nobody will signal us
+        os.kill(os.getpid(), signal.SIGTERM)
