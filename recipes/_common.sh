@@ -59,6 +59,10 @@ train_step() {
   if [[ -f $out/checkpoints/latest ]]; then
     log "resuming $out from its latest checkpoint"
     extra+=(resume_from_checkpoint=true)
+  elif [[ -e $out/metrics.jsonl ]]; then
+    # stopped before its first checkpoint: nothing to resume, start it again
+    log "restarting $out (no checkpoint to resume from)"
+    extra+=(overwrite=true)
   fi
   local launcher=("$TUNE" run)
   if (( NPROC > 1 )); then

@@ -704,8 +704,7 @@ class KDOffPolicyRecipe:
         state = self._checked("resume_from_checkpoint", self.checkpointer.load, path)
         rs = state["recipe_state"]
         if "config" in rs:
-            self._resume_changes = self._checked(
-                "resume_from_checkpoint", config_changes, rs["config"], OmegaConf.to_container(self.cfg, resolve=True), path)
+            self._resume_changes = config_changes(rs["config"], OmegaConf.to_container(self.cfg, resolve=True), path)
         else:  # written before configs were kept in checkpoints
             self._resume_changes = []
             if rs["method"] != self.method or rs["total_steps"] != self.total_steps:

@@ -16,7 +16,8 @@ log = logging.getLogger(__name__)
 # Keys (and every key below them) that must keep their value on resume.
 REFUSED = (
     "method", "loss", "kd_ratio", "seed", "batch_size", "gradient_accumulation_steps", "max_steps_per_epoch",
-    "max_seq_len", "max_prompt_len", "dataset", "validation.dataset", "seqkd_data", "lm", "student", "teacher",
+    "max_seq_len", "max_prompt_len", "dataset", "validation.dataset", "seqkd_data", "lm", "student.checkpoint_dir",
+    "student.lora", "teacher",
     "sgo", "dtype", "optimizer._component_", "lr_scheduler._component_",
 )
 # Keys that only say how to start, not what the run is.
@@ -35,6 +36,14 @@ def flatten(tree: Any, prefix: str = "") -> Dict[str, Any]:
     return out
 
 
+def _subtree(tree: Dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
+
+
 def _under(key: str, prefixes: Sequence[str]) -> bool:
     return any(key == p or key.startswith(p + ".") for p in prefixes)
 
@@ -46,8 +55,9 @@ def config_changes(saved: Dict[str, Any], current: Dict[str, Any], checkpoint: s
     changes = [(k, old.get(k, missing), new.get(k, missing)) for k in sorted(set(old) | set(new))
                if old.get(k, missing) != new.get(k, missing) and not _under(k, IGNORED)]
     changes = [(k, None if a is missing else a, None if b is missing else b) for k, a, b in changes]
-    for key, before, after in changes:
-        if _under(key, REFUSED):
+    for key in REFUSED:  # compared as whole subtrees, so the message shows e.g. all of ``loss``
+        before, after = _subtree(saved, key), _subtree(current, key)
+        if before != after:
             raise ValueError(
                 f"config {key}: is {after!r} but {checkpoint!r} was written with {before!r}; it cannot change "
                 "when resuming (the run would not be the one checkpointed). Set it back, or start a new run "

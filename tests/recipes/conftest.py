@@ -55,3 +55,79 @@ def subprocess_env():
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     return env
+
+
+LORA = "student.lora={lora_attn_modules: [q_proj, v_proj], lora_rank: 4, lora_alpha: 8}"
+
+
+def hf_weights(output_dir):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(output_dir, "hf_model", "model.safetensors"))
+
+
+def assert_same_losses(rows_a, rows_b, rel, keys=("loss",)):
+    """Two runs logged the same per-step values (up to ``rel``)."""
+    import pytest
+
+    for a, b in zip(rows_a, rows_b):
+        for key in keys:
+            assert a[key] == pytest.approx(b[key], rel=rel), (a["step"], key)
+
+
+def assert_same_weights(dir_a, dir_b, rtol, atol):
+    """The students two runs exported hold the same weights (compared in fp32)."""
+    import torch
+
+    wa, wb = hf_weights(dir_a), hf_weights(dir_b)
+    for k in wb:
+        torch.testing.assert_close(wa[k].float(), wb[k].float(), rtol=rtol, atol=atol)
+
+
+def last_by_step(rows):
+    """Per step, the row logged last (a resumed run logs again the steps after its checkpoint)."""
+    return {r["step"]: r for r in rows}
+
+
+# Imported at start-up by every Python process of a test's run (launcher and torchrun workers
+# alike) when its folder leads PYTHONPATH: SIGKILLs the process of rank KILL_RANK (any rank if
+# unset) at step KILL_STEP, right after that checkpoint is complete (after_save) or while it is
+# half written (during_save: after model.pt, before optimizer.pt).
+KILLER = r'''
+import os
+if os.environ.get("KILL_STEP") and os.environ.get("RANK", "0") == os.environ.get("KILL_RANK", os.environ.get("RANK", "0")):
+    import signal
+    import torch
+    from distillm_tune.training import checkpointing
+
+    kill_step, phase = int(os.environ["KILL_STEP"]), os.environ["KILL_PHASE"]
+    torn = "." + checkpointing.RecipeCheckpointer.name(kill_step) + ".tmp"
+    if phase == "after_save":
+        original = checkpointing.RecipeCheckpointer.save
+        def save(self, step, shared, per_rank):
+            path = original(self, step, shared, per_rank)
+            if step == kill_step:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return path
+        checkpointing.RecipeCheckpointer.save = save
+    else:
+        original_save = torch.save
+        def torch_save(obj, path, *a, **k):
+            if torn in str(path) and str(path).endswith("optimizer.pt"):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return original_save(obj, path, *a, **k)
+        torch.save = torch_save
+'''
+
+
+def killer_env(tmp_path, step, phase="after_save", rank=None):
+    """Environment for a ``tune run`` that KILLER interrupts (see above)."""
+    hook = os.path.join(str(tmp_path), "kill_hook")
+    os.makedirs(hook, exist_ok=True)
+    with open(os.path.join(hook, "sitecustomize.py"), "w") as f:
+        f.write(KILLER)
+    env = subprocess_env()
+    env.update(KILL_STEP=str(step), KILL_PHASE=phase, PYTHONPATH=hook + os.pathsep + env["PYTHONPATH"])
+    if rank is not None:
+        env["KILL_RANK"] = str(rank)
+    return env

@@ -2,33 +2,25 @@
 
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import REPO, make_cfg, read_metrics, run_recipe, subprocess_env, tune_cmd
+from conftest import (
+    LORA,
+    REPO,
+    assert_same_losses,
+    assert_same_weights,
+    killer_env,
+    last_by_step,
+    make_cfg,
+    read_metrics,
+    run_recipe,
+    subprocess_env,
+    tune_cmd,
+)
 from distillm_tune.data.collate import collate_prompt_response
 from distillm_tune.losses import JSDLoss, SkewForwardKLLoss
-
-
-def _hf_weights(output_dir):
-    return load_file(os.path.join(output_dir, "hf_model", "model.safetensors"))
-
-
-def _assert_same_losses(rows_a, rows_b, rel, keys=("loss",)):
-    """Two runs logged the same per-step values (up to ``rel``)."""
-    for a, b in zip(rows_a, rows_b):
-        for key in keys:
-            assert a[key] == pytest.approx(b[key], rel=rel), (a["step"], key)
-
-
-def _assert_same_weights(dir_a, dir_b, rtol, atol):
-    """The students two runs exported hold the same weights (compared in fp32)."""
-    wa, wb = _hf_weights(dir_a), _hf_weights(dir_b)
-    for k in wb:
-        torch.testing.assert_close(wa[k].float(), wb[k].float(), rtol=rtol, atol=atol)
 
 
 def _srkl64(student_logits, teacher_logits, labels, alpha=0.1):
@@ -121,9 +113,9 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_assets, tmp_path):
     _, big = run_recipe(tiny_assets, str(tmp_path / "big"), "method=kd", "batch_size=8")
     _, acc = run_recipe(tiny_assets, str(tmp_path / "acc"), "method=kd", "batch_size=2",
                         "gradient_accumulation_steps=4")
-    _assert_same_losses(acc, big, rel=1e-5)
+    assert_same_losses(acc, big, rel=1e-5)
     # summation order differs; Adam turns ~1e-9 gradient differences into ~1e-6 steps
-    _assert_same_weights(tmp_path / "acc", tmp_path / "big", rtol=1e-4, atol=1e-5)
+    assert_same_weights(tmp_path / "acc", tmp_path / "big", rtol=1e-4, atol=1e-5)
 
 
 def test_lora_student_exports_merged_and_peft(tiny_assets, tmp_path):
@@ -176,9 +168,6 @@ def test_teacher_with_another_tokenizer_is_rejected(tiny_assets, tmp_path):
 # ------------------------------------------------------------------- distributed and resume
 
 
-LORA = "student.lora={lora_attn_modules: [q_proj, v_proj], lora_rank: 4, lora_alpha: 8}"
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], [LORA, "optimizer.lr=5e-2"]], ids=["full", "lora"])
 def test_two_processes_give_the_losses_of_one_with_the_same_global_batch(tiny_assets, tmp_path, extra):
@@ -189,37 +178,10 @@ def test_two_processes_give_the_losses_of_one_with_the_same_global_batch(tiny_as
     assert proc.returncode == 0, proc.stderr[-3000:]
     double = read_metrics(str(tmp_path / "two"))
     assert [r["step"] for r in double] == [r["step"] for r in single]
-    _assert_same_losses(double, single, rel=1e-5)
+    assert_same_losses(double, single, rel=1e-5)
     assert double[-1]["val_loss"] == pytest.approx(single[-1]["val_loss"], rel=1e-5)
-    _assert_same_weights(tmp_path / "two", tmp_path / "one", rtol=1e-4, atol=1e-5)
+    assert_same_weights(tmp_path / "two", tmp_path / "one", rtol=1e-4, atol=1e-5)
 
-
-KILLER = r"""
-import os, signal, sys
-import torch
-from distillm_tune.training import checkpointing
-
-kill_step, phase = int(os.environ["KILL_STEP"]), os.environ["KILL_PHASE"]
-name = checkpointing.RecipeCheckpointer.name(kill_step)
-if phase == "after_save":
-    original = checkpointing.RecipeCheckpointer.save
-    def save(self, step, shared, per_rank):
-        path = original(self, step, shared, per_rank)
-        if step == kill_step:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return path
-    checkpointing.RecipeCheckpointer.save = save
-else:  # in the middle of writing: after the model file, before the optimizer file
-    original_save = torch.save
-    def torch_save(obj, path, *a, **k):
-        if name in str(path) and str(path).endswith("optimizer.pt.tmp"):
-            os.kill(os.getpid(), signal.SIGKILL)
-        return original_save(obj, path, *a, **k)
-    torch.save = torch_save
-from torchtune._cli.tune import main
-sys.argv = ["tune"] + sys.argv[1:]
-main()
-"""
 
 RESUME_ARGS = ["method=distillm", "sgo.phi0=1.0", "epochs=2", "save_every_n_steps=2", "batch_size=4"]
 
@@ -231,12 +193,8 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_run(tiny_assets, tmp_pat
     assert {"sgo", "replay"} <= {s for r in full for s in ("sgo", "replay") if r[f"source_{s}"] > 0}
 
     out = tmp_path / "killed"
-    killer = tmp_path / "killer.py"
-    killer.write_text(KILLER)
-    args = tune_cmd(f"assets_dir={tiny_assets}", f"output_dir={out}", *RESUME_ARGS)[3:]  # drop "python -m torchtune._cli.tune"
-    env = dict(subprocess_env(), KILL_STEP="4", KILL_PHASE=phase)
-    proc = subprocess.run([sys.executable, str(killer), *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(tune_cmd(f"assets_dir={tiny_assets}", f"output_dir={out}", *RESUME_ARGS), cwd=REPO,
+                          env=killer_env(tmp_path, 4, phase), capture_output=True, text=True, timeout=600)
     assert proc.returncode == -9, proc.stderr[-3000:]
     ckpt = out / "checkpoints"
     with open(ckpt / "latest") as f:
@@ -246,13 +204,13 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_run(tiny_assets, tmp_pat
         assert (ckpt / ".step_00000004.tmp").is_dir()  # the torn write is left aside, not used
 
     _, resumed = run_recipe(tiny_assets, str(out), *RESUME_ARGS, "resume_from_checkpoint=true")
-    last = {r["step"]: r for r in resumed}
+    last = last_by_step(resumed)
     assert sorted(last) == [1, 2, 3, 4, 5, 6]
     for r in full:
         assert last[r["step"]]["loss"] == pytest.approx(r["loss"], rel=1e-6), r["step"]
         for key in ("phi", "buffer_fill", "source_sgo", "source_replay"):
             assert last[r["step"]][key] == r[key], (r["step"], key)
-    _assert_same_weights(out, tmp_path / "full", rtol=0, atol=1e-6)
+    assert_same_weights(out, tmp_path / "full", rtol=0, atol=1e-6)
     assert not (ckpt / ".step_00000004.tmp").exists()  # cleaned up by the next save
 
 
@@ -283,8 +241,8 @@ def test_activation_checkpointing_gives_the_same_training(tiny_assets, tmp_path)
     _, plain = run_recipe(tiny_assets, str(tmp_path / "plain"), "method=distillm", "sgo.phi0=1.0")
     _, ac = run_recipe(tiny_assets, str(tmp_path / "ac"), "method=distillm", "sgo.phi0=1.0",
                        "enable_activation_checkpointing=true")
-    _assert_same_losses(ac, plain, rel=1e-6)
-    _assert_same_weights(tmp_path / "ac", tmp_path / "plain", rtol=1e-5, atol=1e-6)
+    assert_same_losses(ac, plain, rel=1e-6)
+    assert_same_weights(tmp_path / "ac", tmp_path / "plain", rtol=1e-5, atol=1e-6)
 
 
 def test_bf16_models_train_with_fp32_losses(tiny_assets, tmp_path):
@@ -340,13 +298,13 @@ def test_fused_loss_trains_like_the_logits_path(tiny_assets, tmp_path, method, e
                           "fused_loss_chunk_size=7")
     assert len(fused) == len(plain) == 3
     bf16 = "dtype=bf16" in extra  # bf16 matmuls in another order: equal up to bf16 rounding
-    _assert_same_losses(fused, plain, rel=2e-2 if bf16 else 1e-5, keys=("loss", "loss_div", "loss_ce"))
+    assert_same_losses(fused, plain, rel=2e-2 if bf16 else 1e-5, keys=("loss", "loss_div", "loss_ce"))
     for a, b in zip(fused, plain):
         assert [a[f"source_{s}"] for s in ("dataset", "sgo", "replay")] == \
             [b[f"source_{s}"] for s in ("dataset", "sgo", "replay")]
     assert {s for r in plain for s in ("sgo", "replay") if r[f"source_{s}"] > 0} >= (
         {"sgo", "replay"} if method == "distillm" else set())
-    _assert_same_weights(tmp_path / "fused", tmp_path / "plain",
+    assert_same_weights(tmp_path / "fused", tmp_path / "plain",
                          rtol=2e-2 if bf16 else 1e-4, atol=2e-2 if bf16 else 1e-5)
 
 
