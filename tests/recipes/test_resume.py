@@ -81,13 +81,14 @@ def test_two_process_run_killed_after_a_save_resumes_to_the_uninterrupted_run(ti
 
 
 @pytest.mark.slow
-def test_finished_two_process_run_resumed_with_more_epochs_is_the_longer_run(tiny_assets, tmp_path):
-    longer = _tune(tmp_path, tiny_assets, tmp_path / "longer")
+@pytest.mark.parametrize("extra", [[], [LORA]], ids=["full", "lora"])
+def test_finished_two_process_run_resumed_with_more_epochs_is_the_longer_run(tiny_assets, tmp_path, extra):
+    longer = _tune(tmp_path, tiny_assets, tmp_path / "longer", *extra)
     assert longer.returncode == 0, longer.stderr[-3000:]
     out = tmp_path / "extended"
-    first = _tune(tmp_path, tiny_assets, out, "epochs=1")
+    first = _tune(tmp_path, tiny_assets, out, *extra, "epochs=1")
     assert first.returncode == 0, first.stderr[-3000:]
-    extended = _tune(tmp_path, tiny_assets, out, "resume_from_checkpoint=true")  # epochs=2 now
+    extended = _tune(tmp_path, tiny_assets, out, *extra, "resume_from_checkpoint=true")  # epochs=2 now
     assert extended.returncode == 0, extended.stderr[-3000:]
     assert "changed on resume: epochs 1 -> 2" in extended.stderr + extended.stdout
     rows = last_by_step(read_metrics(str(out)))
