@@ -14,7 +14,8 @@ the tests check them against float64 autograd of the naive formulas and finite d
 
 Numerics: everything is in log space, so nothing is ever ``0 * log(0)``:
 
-* a term whose probability is 0 (``-inf`` log-probability) contributes exactly 0;
+* a term whose probability is 0 (``-inf`` log-probability) contributes exactly 0, while a NaN
+  input (a broken model) gives a NaN value, never a silent 0;
 * a mixture is ``logaddexp(log w + log p, log(1 - w) + log q)``, never ``log(w p + (1 - w) q)``:
   fp32 probabilities underflow to 0 about 104 nats below the row maximum, and the reference
   code's ``log`` of that is the NaN this avoids;
@@ -38,9 +39,12 @@ def _where(cond: Tensor, x: Tensor) -> Tensor:
 
 
 def _finite(*xs: Tensor) -> Tensor:
-    out = torch.isfinite(xs[0])
+    """True where no log-probability is -inf (zero probability). NaN counts as finite here on
+    purpose: a NaN logit must make the loss NaN, which the recipe detects, not vanish into a
+    masked 0 that trains on nothing."""
+    out = ~torch.isneginf(xs[0])
     for x in xs[1:]:
-        out &= torch.isfinite(x)
+        out &= ~torch.isneginf(x)
     return out
 
 

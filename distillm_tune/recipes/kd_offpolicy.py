@@ -52,7 +52,7 @@ from distillm_tune.training.distributed import exit_with_launcher, run_on_rank_z
 from distillm_tune.training.model_io import LAYER_CLASSES, model_io_for, output_projection
 from distillm_tune.training.output_dir import claim_output_dir
 from distillm_tune.training.resume import apply_optimizer_changes, config_changes
-from distillm_tune.training.settings import Rule, check_settings
+from distillm_tune.training.settings import Rule, check_known_keys, check_settings
 
 log = utils.get_logger("INFO")
 
@@ -67,6 +67,25 @@ METHOD_LOSSES = {
     "distillm": ("distillm_tune.losses.SkewReverseKLLoss", {"alpha": 0.1}),
 }
 
+
+# Every key the recipe reads; ".*": a component's arguments, checked when it is instantiated.
+KNOWN_KEYS = (
+    "method", "loss.*", "kd_ratio", "lm.dataset.*", "lm.coef", "lm.batch_size", "seqkd_data",
+    "student.checkpoint_dir", "student.lora.lora_attn_modules", "student.lora.apply_lora_to_mlp",
+    "student.lora.apply_lora_to_output", "student.lora.lora_rank", "student.lora.lora_alpha",
+    "student.lora.lora_dropout", "teacher.checkpoint_dir", "max_seq_len", "max_prompt_len", "dataset.*",
+    "validation.dataset.*", "validation.every_n_steps", "validation.batch_size", "validation.max_examples",
+    "validation.rouge_examples", "sgo.max_new_tokens", "sgo.temperature", "sgo.top_p", "sgo.top_k",
+    "sgo.buffer_size", "sgo.phi0", "sgo.num_stages", "sgo.tolerance", "sgo.replay_ratio", "sgo.gkd_sgo_prob",
+    "guards.on_nonfinite", "guards.max_nonfinite_steps", "guards.on_divergence", "guards.max_val_loss_ratio",
+    "guards.max_dropped_fraction", "guards.max_duplicate_fraction",
+    "seed", "epochs", "max_steps_per_epoch", "batch_size", "gradient_accumulation_steps", "num_output_chunks",
+    "fused_loss_chunk_size", "clip_grad_norm", "optimizer.*", "lr_scheduler.*", "device", "dtype",
+    "enable_activation_checkpointing", "save_every_n_steps", "keep_last_checkpoints", "resume_from_checkpoint",
+    "overwrite", "log_every_n_steps", "metric_logger.*", "output_dir",
+)
+# torchtune recipe keys this recipe does not implement: accepted only when off.
+TORCHTUNE_KEYS_OFF = ("compile", "profiler", "log_peak_memory_stats", "optimizer_in_bwd", "clip_grad_norm_type")
 
 # Checked before anything is loaded (absent keys take the defaults the recipe reads below).
 SETTINGS = (
@@ -104,7 +123,23 @@ SETTINGS = (
     Rule("sgo.gkd_sgo_prob", float, 0, 1),
     Rule("lm.coef", float, 0),
     Rule("lm.batch_size", int, 1),
+    Rule("guards.on_nonfinite", str, choices=("skip", "stop")),
+    Rule("guards.max_nonfinite_steps", int, 1),
+    Rule("guards.on_divergence", str, choices=("stop", "warn")),
+    Rule("guards.max_val_loss_ratio", float, 1, low_open=True),
+    Rule("guards.max_dropped_fraction", float, 0, 1),
+    Rule("guards.max_duplicate_fraction", float, 0, 1),
 )
+
+
+GUARD_DEFAULTS = {
+    "on_nonfinite": "skip", "max_nonfinite_steps": 3, "on_divergence": "stop", "max_val_loss_ratio": 5.0,
+    "max_dropped_fraction": 0.5, "max_duplicate_fraction": 0.2,
+}
+
+
+class RunStopped(RuntimeError):
+    """The run stopped itself rather than train on, or export, garbage (``guards.*``)."""
 
 
 def _setting_error(setting: str, message: str) -> ValueError:
@@ -122,6 +157,7 @@ class KDOffPolicyRecipe:
         self.method = cfg.get("method", "distillm")
         if self.method not in METHODS:
             raise _setting_error("method", f"unknown method {self.method!r}; expected one of {list(METHODS)}")
+        check_known_keys(cfg, KNOWN_KEYS, TORCHTUNE_KEYS_OFF)
         check_settings(cfg, SETTINGS)
         if cfg.max_prompt_len >= cfg.max_seq_len:
             raise _setting_error("max_prompt_len", f"must be below max_seq_len={cfg.max_seq_len}, got {cfg.max_prompt_len}")
@@ -147,6 +183,11 @@ class KDOffPolicyRecipe:
         self.max_new_tokens = int(sgo.get("max_new_tokens", cfg.max_seq_len - cfg.max_prompt_len))
         self.gkd_sgo_prob = float(sgo.get("gkd_sgo_prob", 0.5))
         self._sgo = sgo
+        guards = cfg.get("guards", None) or {}
+        self.guards = {key: guards.get(key, default) for key, default in GUARD_DEFAULTS.items()}
+        self._nonfinite_run = 0  # consecutive skipped steps
+        self.first_val_loss: Optional[float] = None
+        self.diverged = False  # with guards.on_divergence=warn
         if not 0.0 <= self.kd_ratio <= 1.0:
             raise _setting_error("kd_ratio", f"must lie in [0, 1], got {self.kd_ratio}")
 
@@ -233,7 +274,8 @@ class KDOffPolicyRecipe:
             self.checkpointer.start_run()
             if self.method == "distillm":
                 # L_prev starts as the validation loss of the initial student (paper App. C)
-                self.scheduler.start(self.validation_loss())
+                self.first_val_loss = self.validation_loss()
+                self.scheduler.start(self.first_val_loss)
 
     def _claim_output_dir(self) -> None:
         """Rank 0: lock ``output_dir`` and refuse an earlier run's outputs unless resuming or
@@ -322,17 +364,28 @@ class KDOffPolicyRecipe:
             raise _setting_error("loss", f"{loss_cfg}: {e}") from e
 
     def _check_same_tokenizer(self, student_dir: str, teacher_dir: str) -> None:
+        """Distillation compares the models id by id: the teacher's tokenizer must give every id
+        the same text and the same special ids (a swap of two tokens would pass a probe string)."""
         teacher_tok = self._checked("teacher.checkpoint_dir", load_hf_tokenizer, teacher_dir)
-        probe = "Below is an instruction. 123 + 45 = 168, Zürich!"
-        s_ids, t_ids = self.tokenizer.encode(probe, add_bos=False), teacher_tok.encode(probe, add_bos=False)
-        s_special = (self.tokenizer.eos_id, self.tokenizer.vocab_size)
-        t_special = (teacher_tok.eos_id, teacher_tok.vocab_size)
-        if s_ids != t_ids or s_special != t_special:
+        student_tok = self.tokenizer
+
+        def special(tok):
+            return {k: getattr(tok, k, None) for k in ("vocab_size", "bos_id", "eos_id", "pad_id")}
+
+        problem = None
+        if special(student_tok) != special(teacher_tok):
+            problem = f"special ids/vocab {special(teacher_tok)} vs the student's {special(student_tok)}"
+        else:
+            for i in range(student_tok.vocab_size):
+                s_text, t_text = student_tok.decode([i]), teacher_tok.decode([i])
+                if s_text != t_text:
+                    problem = f"token id {i} is {t_text!r} for the teacher but {s_text!r} for the student"
+                    break
+        if problem is not None:
             raise _setting_error(
                 "teacher.checkpoint_dir",
-                f"the teacher's tokenizer (vocab {teacher_tok.vocab_size}, eos {teacher_tok.eos_id}) "
-                f"differs from the student's (vocab {self.tokenizer.vocab_size}, eos "
-                f"{self.tokenizer.eos_id}) in {teacher_dir!r} vs {student_dir!r}",
+                f"the teacher's tokenizer in {teacher_dir!r} differs from the student's in {student_dir!r}: "
+                f"{problem}; distillation needs one tokenizer",
             )
 
     def _build_data(self):
@@ -347,8 +400,12 @@ class KDOffPolicyRecipe:
             # the teacher's responses to the training prompts: all of them are training data
             train_cfg = OmegaConf.merge(train_cfg, {"source": cfg.seqkd_data, "split": "all"})
         for setting, dcfg in (("dataset.source", train_cfg), ("validation.dataset.source", cfg.validation.dataset)):
-            if not os.path.exists(str(dcfg.source)):
-                raise _setting_error(setting, f"{dcfg.source!r} does not exist")
+            source = str(dcfg.source)
+            if not os.path.exists(source):
+                raise _setting_error(setting, f"{source!r} does not exist")
+            if os.path.isdir(source) and not os.path.isfile(os.path.join(source, "dataset_info.json")):
+                raise _setting_error(setting, f"{source!r} is a directory; expected a .jsonl or .json file, or a "
+                                              "folder written by datasets' save_to_disk")
         train = self._checked("dataset", config.instantiate, train_cfg, self.tokenizer)
         valid = self._checked("validation.dataset", config.instantiate, cfg.validation.dataset, self.tokenizer)
         # An empty split would train on nothing, or validate to a loss of 0 that drives the scheduler.
@@ -357,9 +414,26 @@ class KDOffPolicyRecipe:
             if len(data) == 0:
                 raise _setting_error(setting, f"{source!r} gives no usable example ({data.stats.summary()}); "
                                               "expected rows whose prompt and response fit max_prompt_len/max_seq_len")
+            self._check_data(setting, source, data)
         if self.is_rank_zero:
             log.info(f"train: {train.stats.summary()}; valid: {valid.stats.summary()}")
         return train, valid
+
+    def _check_data(self, setting: str, source: str, data) -> None:
+        """A split that lost most of its rows to the length budget is an error (it would train on,
+        or validate with, a biased remainder); many exact duplicates are a warning with counts."""
+        stats, limit = data.stats, float(self.guards["max_dropped_fraction"])
+        if stats.rows_read and (stats.rows_read - stats.kept) / stats.rows_read > limit:
+            raise _setting_error(
+                setting, f"{source!r} keeps {stats.kept} of {stats.rows_read} rows ({stats.summary()}): more than "
+                         f"guards.max_dropped_fraction={limit:g} were dropped; raise max_seq_len/max_prompt_len, fix "
+                         "the data, or raise guards.max_dropped_fraction")
+        samples = [self.io.sample(data[i]) for i in range(len(data))]
+        distinct = len({(tuple(x["prompt"]), tuple(x["response"])) for x in samples})
+        duplicates = len(samples) - distinct
+        if duplicates / len(samples) > float(self.guards["max_duplicate_fraction"]) and self.is_rank_zero:
+            log.warning(f"{setting}: {duplicates} of {len(samples)} samples of {source!r} are exact duplicates "
+                        f"(more than guards.max_duplicate_fraction={self.guards['max_duplicate_fraction']:g})")
 
     def _build_lm_data(self):
         """Optional pretraining text for the LM term (``lm.dataset``), with ``lm.coef``."""
@@ -383,6 +457,11 @@ class KDOffPolicyRecipe:
 
     def _load_model(self, setting: str, checkpoint_dir: str, lora: Optional[LoRASettings], trainable: bool) -> nn.Module:
         model = self._checked(setting, load_hf, checkpoint_dir, dtype=self.dtype, lora=lora)
+        # A damaged checkpoint with NaN/inf weights would train "successfully" on NaN losses.
+        bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise _setting_error(setting, f"{checkpoint_dir!r} holds non-finite weights in {len(bad)} tensors "
+                                          f"(first: {bad[0]}); the checkpoint is damaged")
         if trainable and lora is not None:
             set_trainable_params(model, get_adapter_params(model))
         elif not trainable:
@@ -492,16 +571,23 @@ class KDOffPolicyRecipe:
             # FSDP averages gradients over ranks; the loss is already a global token mean.
             (loss * self.world_size).backward()
             sums += torch.stack([div_sum.detach(), ce_sum.detach(), lm_sum.detach()])
-        grad_norm = None
-        if self.clip_grad_norm is not None:
-            params = [p for p in self.student.parameters() if p.requires_grad]
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm=float(self.clip_grad_norm))
-            if hasattr(grad_norm, "full_tensor"):
-                grad_norm = grad_norm.full_tensor()
-        self.optimizer.step()
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        # max_norm=inf measures without clipping (the norm is needed for the non-finite guard)
+        max_norm = float("inf") if self.clip_grad_norm is None else float(self.clip_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm=max_norm)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        all_reduce_sum(sums)
+        # Decided on values equal on every rank (all-reduced sums, the global norm): all ranks
+        # skip or stop in the same step.
+        bad_term = self._nonfinite_term(sums, grad_norm)
+        if bad_term is None:
+            self.optimizer.step()
+            self._nonfinite_run = 0
+        else:
+            self._on_nonfinite(bad_term, micro)
         self.optimizer.zero_grad(set_to_none=True)
         self.lr_scheduler.step()
-        all_reduce_sum(sums)
         div, ce = (sums[:2] / denom).tolist()
         lm = float(sums[2] / lm_denom)
         elapsed = time.perf_counter() - t0
@@ -521,9 +607,50 @@ class KDOffPolicyRecipe:
         }
         for s in SOURCES:
             metrics[f"source_{s}"] = sources.count(s) / len(sources)
-        if grad_norm is not None:
-            metrics["grad_norm"] = float(grad_norm)
+        metrics["grad_norm"] = float(grad_norm)
+        metrics["skipped_nonfinite"] = float(bad_term is not None)
         return metrics
+
+    def _nonfinite_term(self, sums: torch.Tensor, grad_norm: torch.Tensor) -> Optional[str]:
+        """The first term of the step's loss that is NaN/inf, then the gradient norm; None if all are finite."""
+        used = (("divergence", self.kd_ratio > 0), ("cross-entropy", self.kd_ratio < 1),
+                ("LM", self.lm_data is not None and self.lm_coef > 0))
+        for (name, in_loss), value in zip(used, sums.tolist()):
+            if in_loss and not math.isfinite(value):
+                return name
+        return None if math.isfinite(float(grad_norm)) else "gradient norm"
+
+    @torch.no_grad()
+    def _teacher_output_nonfinite(self, micro: List[Dict[str, Any]]) -> bool:
+        """Whether the teacher's outputs on the step's batches hold NaN/inf (on any rank): run only
+        when the divergence is not finite, to say which model is at fault."""
+        bad = torch.zeros(1, device=self.device)
+        for batch in micro:
+            if self.fused_loss is not None:
+                out = [self.io.forward_hidden(self.teacher, batch, self.device)[0]]
+            else:
+                out = self.io.forward(self.teacher, batch, self.device)
+                out = out if isinstance(out, list) else [out]
+            bad += float(any(not torch.isfinite(o).all() for o in out))
+        return bool(all_reduce_sum(bad).item() > 0)
+
+    def _on_nonfinite(self, term: str, micro: List[Dict[str, Any]]) -> None:
+        if term == "divergence" and self.teacher is not None and self._teacher_output_nonfinite(micro):
+            culprit = f"the teacher's outputs hold NaN/inf (teacher.checkpoint_dir={self.cfg.teacher.checkpoint_dir})"
+        else:
+            culprit = "the student's outputs or gradients (a learning rate too high? optimizer.lr=" \
+                      f"{self.cfg.optimizer.get('lr')})"
+        self._nonfinite_run += 1
+        message = f"step {self.global_step + 1}: the {term} {'is' if term == 'gradient norm' else 'term is'} not finite; source: {culprit}"
+        action, limit = self.guards["on_nonfinite"], int(self.guards["max_nonfinite_steps"])
+        if action == "stop" or self._nonfinite_run >= limit:
+            raise RunStopped(
+                f"{message}. Stopped (guards.on_nonfinite={action}, {self._nonfinite_run} such step(s) in a row); "
+                f"the last checkpoint ({self.checkpointer.latest() or 'none'}) and earlier exports are kept, "
+                "nothing was exported"
+            )
+        if self.is_rank_zero:
+            log.warning(f"{message}; the step was skipped ({self._nonfinite_run} in a row, the run stops at {limit})")
 
     def train(self) -> None:
         cfg = self.cfg
@@ -561,7 +688,10 @@ class KDOffPolicyRecipe:
                     break
         pbar.close()
         self.save_checkpoint()
-        self.export()
+        if self.diverged:  # never let a diverged student take the place of a good export
+            self.export("hf_model_diverged", "peft_adapter_diverged")
+        else:
+            self.export()
 
     # -------------------------------------------------------------------------------- validation
 
@@ -595,6 +725,7 @@ class KDOffPolicyRecipe:
 
     def _validate(self) -> Dict[str, float]:
         val_loss = self.validation_loss()
+        self._check_divergence(val_loss)
         out = {"val_loss": val_loss}
         if self.method == "distillm":
             out["phi_increased"] = float(self.scheduler.update(val_loss))
@@ -603,6 +734,29 @@ class KDOffPolicyRecipe:
         if n_rouge > 0:
             out["val_rouge_l"] = self.validation_rouge(n_rouge)
         return out
+
+    def _check_divergence(self, val_loss: float) -> None:
+        """Stop (or warn) when the validation loss is NaN/inf or above ``guards.max_val_loss_ratio``
+        times its first value; the first finite value is the reference."""
+        if self.first_val_loss is None and math.isfinite(val_loss):
+            self.first_val_loss = val_loss
+            return
+        ratio = float(self.guards["max_val_loss_ratio"])
+        first = self.first_val_loss
+        if math.isfinite(val_loss) and (first is None or first <= 0 or val_loss <= ratio * first):
+            self.diverged = False
+            return
+        why = "is not finite" if not math.isfinite(val_loss) else f"exceeds {ratio:g} x its first value {first:.4g}"
+        message = f"step {self.global_step}: validation loss {val_loss:.4g} {why}: the run diverged"
+        if self.guards["on_divergence"] == "stop":
+            raise RunStopped(
+                f"{message}. Stopped (guards.on_divergence=stop); the last checkpoint "
+                f"({self.checkpointer.latest() or 'none'}) and earlier exports are kept, nothing was exported"
+            )
+        self.diverged = True
+        if self.is_rank_zero:
+            log.warning(f"{message}; continuing (guards.on_divergence=warn): the final student will be exported "
+                        "to hf_model_diverged, not hf_model")
 
     @torch.no_grad()
     def validation_rouge(self, n_examples: int) -> float:
@@ -653,6 +807,8 @@ class KDOffPolicyRecipe:
                 "step_in_epoch": self.step_in_epoch,
                 "train_time": self.train_time,
                 "best_rouge": self.best_rouge,
+                "first_val_loss": self.first_val_loss,
+                "diverged": self.diverged,
                 "scheduler": self.scheduler.state_dict(),
                 "lr_scheduler": self.lr_scheduler.state_dict(),
                 "policy_gen": self.policy_gen.get_state(),
@@ -744,6 +900,7 @@ class KDOffPolicyRecipe:
         self.policy_gen.set_state(rs["policy_gen"])
         self.global_step, self.epoch, self.step_in_epoch = rs["global_step"], rs["epoch"], rs["step_in_epoch"]
         self.train_time, self.best_rouge = rs["train_time"], rs["best_rouge"]
+        self.first_val_loss, self.diverged = rs.get("first_val_loss"), rs.get("diverged", False)
         r = state["rank"]
         self.buffer.load_state_dict(r["buffer"])
         self.sample_gen.set_state(r["sample_gen"])

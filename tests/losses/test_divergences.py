@@ -177,6 +177,23 @@ def test_all_masked_batch_gives_zero_not_nan(name, cls, kw):
     assert torch.all(s.grad == 0)
 
 
+@pytest.mark.parametrize("side", ["student", "teacher"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("name,cls,kw", CASES, ids=IDS)
+def test_nan_or_inf_logits_give_nan_not_a_silent_zero(name, cls, kw, bad, side):
+    """A broken model must show as a NaN loss (the recipe's guard stops or skips on it); the
+    float64 naive formula is NaN there too. NaN at masked positions stays out of the loss."""
+    s, t, labels = make_batch(seed=11)
+    keep = labels != IGNORE
+    row = keep.nonzero()[0]
+    (s if side == "student" else t)[row[0], row[1], 2] = bad
+    assert torch.isnan(cls(**kw)(s, t, labels))
+    s2, t2 = make_batch(seed=11)[:2]
+    masked = (~keep).nonzero()[0]
+    (s2 if side == "student" else t2)[masked[0], masked[1], 2] = bad
+    assert torch.isfinite(cls(**kw)(s2, t2, labels))
+
+
 def test_sum_and_count_normalise_over_all_micro_batches():
     """Gradient accumulation: Σ sums / Σ counts over micro-batches equals the loss of the whole step."""
     s, t, labels = make_batch(b=4, seed=7)

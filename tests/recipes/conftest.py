@@ -90,9 +90,10 @@ def last_by_step(rows):
 
 
 # Imported at start-up by every Python process of a test's run (launcher and torchrun workers
-# alike) when its folder leads PYTHONPATH: SIGKILLs the process of rank KILL_RANK (any rank if
-# unset) at step KILL_STEP, right after that checkpoint is complete (after_save) or while it is
-# half written (during_save: after model.pt, before optimizer.pt).
+# alike) when its folder leads PYTHONPATH: sends KILL_SIGNAL (SIGKILL if unset) to the process of
+# rank KILL_RANK (any rank if unset) at step KILL_STEP: right after that checkpoint is complete
+# (after_save), while it is half written (during_save: after model.pt, before optimizer.pt), or
+# as that training step begins (step; one micro-batch per step).
 KILLER = r'''
 import os
 if os.environ.get("KILL_STEP") and os.environ.get("RANK", "0") == os.environ.get("KILL_RANK", os.environ.get("RANK", "0")):
@@ -101,33 +102,44 @@ if os.environ.get("KILL_STEP") and os.environ.get("RANK", "0") == os.environ.get
     from distillm_tune.training import checkpointing
 
     kill_step, phase = int(os.environ["KILL_STEP"]), os.environ["KILL_PHASE"]
+    sig = getattr(signal, os.environ.get("KILL_SIGNAL", "SIGKILL"))
     torn = "." + checkpointing.RecipeCheckpointer.name(kill_step) + ".tmp"
     if phase == "after_save":
         original = checkpointing.RecipeCheckpointer.save
         def save(self, step, shared, per_rank):
             path = original(self, step, shared, per_rank)
             if step == kill_step:
-                os.kill(os.getpid(), signal.SIGKILL)
+                os.kill(os.getpid(), sig)
             return path
         checkpointing.RecipeCheckpointer.save = save
-    else:
+    elif phase == "during_save":
         original_save = torch.save
         def torch_save(obj, path, *a, **k):
             if torn in str(path) and str(path).endswith("optimizer.pt"):
-                os.kill(os.getpid(), signal.SIGKILL)
+                os.kill(os.getpid(), sig)
             return original_save(obj, path, *a, **k)
         torch.save = torch_save
+    else:  # the recipe runs as __main__ (runpy): patch what it imports, before it does
+        import distillm_tune.sgo as sgo
+        original_uniform, calls = sgo.shared_uniform, []
+        def shared_uniform(*a, **k):  # drawn once per micro-batch
+            calls.append(1)
+            if len(calls) == kill_step:
+                os.kill(os.getpid(), sig)
+            return original_uniform(*a, **k)
+        sgo.shared_uniform = shared_uniform
 '''
 
 
-def killer_env(tmp_path, step, phase="after_save", rank=None):
+def killer_env(tmp_path, step, phase="after_save", rank=None, signal_name="SIGKILL"):
     """Environment for a ``tune run`` that KILLER interrupts (see above)."""
     hook = os.path.join(str(tmp_path), "kill_hook")
     os.makedirs(hook, exist_ok=True)
     with open(os.path.join(hook, "sitecustomize.py"), "w") as f:
         f.write(KILLER)
     env = subprocess_env()
-    env.update(KILL_STEP=str(step), KILL_PHASE=phase, PYTHONPATH=hook + os.pathsep + env["PYTHONPATH"])
+    env.update(KILL_STEP=str(step), KILL_PHASE=phase, KILL_SIGNAL=signal_name,
+               PYTHONPATH=hook + os.pathsep + env["PYTHONPATH"])
     if rank is not None:
         env["KILL_RANK"] = str(rank)
     return env
