@@ -48,6 +48,7 @@ from distillm_tune.sgo import (
 )
 from distillm_tune.sgo.scheduler import REPLAY_RATIOS
 from distillm_tune.training import RecipeCheckpointer, all_reduce_sum, init_process_group_for
+from distillm_tune.training.checkpointing import CheckpointWriteError, free_space
 from distillm_tune.training.distributed import exit_with_launcher, run_on_rank_zero
 from distillm_tune.training.model_io import LAYER_CLASSES, model_io_for, output_projection
 from distillm_tune.training.output_dir import claim_output_dir
@@ -925,11 +926,18 @@ class KDOffPolicyRecipe:
             return
         out = os.path.join(self.output_dir, name)
         rank_alpha = None if self.lora is None else (self.lora.lora_rank, self.lora.lora_alpha)
-        save_hf_state_dict(full, out, self.student_dir, lora_rank_alpha=rank_alpha)
-        log.info(f"exported the student in Hugging Face format to {out}")
-        if self.lora is not None:
-            adapter = {k: v for k, v in full.items() if ".lora_a." in k or ".lora_b." in k}
-            save_peft_adapter_state_dict(adapter, os.path.join(self.output_dir, adapter_name), self.student_dir, self.lora)
+        try:  # both writers build the folder aside and swap it in: a failure leaves the old one
+            save_hf_state_dict(full, out, self.student_dir, lora_rank_alpha=rank_alpha)
+            if self.lora is not None:
+                adapter = {k: v for k, v in full.items() if ".lora_a." in k or ".lora_b." in k}
+                out = os.path.join(self.output_dir, adapter_name)
+                save_peft_adapter_state_dict(adapter, out, self.student_dir, self.lora)
+        except Exception as e:  # noqa: BLE001 - safetensors, torch and the OS each report a full disk their own way
+            raise CheckpointWriteError(
+                f"could not export the student to {out!r}: {type(e).__name__}: {e}; {free_space(out)} on that file "
+                f"system. An earlier export there is intact; the training state is in {self.checkpointer.latest()!r}"
+            ) from e
+        log.info(f"exported the student in Hugging Face format to {os.path.join(self.output_dir, name)}")
 
     def cleanup(self) -> None:
         if self.metric_logger is not None:

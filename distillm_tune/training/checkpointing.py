@@ -72,7 +72,8 @@ def _write_text_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _free_space(path: str) -> str:
+def free_space(path: str) -> str:
+    """'12.3 MiB free' on the file system that holds ``path`` (or its nearest existing parent)."""
     while path and not os.path.exists(path):
         path = os.path.dirname(path)
     try:
@@ -87,7 +88,7 @@ def step_of(name: str) -> int:
 
 
 class CheckpointWriteError(OSError):
-    """A checkpoint could not be written; the previous one is intact."""
+    """A checkpoint or export could not be written; the previous one is intact."""
 
 
 class RecipeCheckpointer:
@@ -168,7 +169,7 @@ class RecipeCheckpointer:
             raise CheckpointWriteError(
                 f"could not write checkpoint {final!r}"
                 + (f": {type(error).__name__}: {error}" if error is not None else " (failed on another rank)")
-                + f"; {_free_space(self.root)} on that file system. The torn folder was removed; "
+                + f"; {free_space(self.root)} on that file system. The torn folder was removed; "
                 + (f"the previous checkpoint {previous!r} is intact." if previous else "no earlier checkpoint exists.")
             )
         if self.rank == 0:

@@ -151,9 +151,10 @@ def _file_as_output_dir(ctx):
     return []
 
 
-def _tmpfs_output_dir(ctx):
-    os.makedirs(ctx.out)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2500k", "tmpfs", ctx.out], check=True)
+def _tmpfs_output_dir(ctx, size="2500k"):
+    os.makedirs(ctx.out, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", ctx.out], check=True)
+    _tmpfs_output_dir.mounted = ctx.out
     return ["save_every_n_steps=1"]
 
 
@@ -199,7 +200,61 @@ def _val_losses(*values):
     return patch
 
 
+def _fill_disk_after_last_checkpoint(monkeypatch, ctx):
+    """The disk fills up between the run's final checkpoint and its export."""
+    from distillm_tune.recipes import kd_offpolicy
+
+    original = kd_offpolicy.KDOffPolicyRecipe.save_checkpoint
+
+    def save_checkpoint(self):
+        path = original(self)
+        if self.global_step == self.total_steps:
+            free = shutil.disk_usage(ctx.out).free
+            with open(os.path.join(ctx.out, "filler"), "wb") as f:
+                f.write(b"\0" * max(0, free - 64 * 1024))
+        return path
+    monkeypatch.setattr(kd_offpolicy.KDOffPolicyRecipe, "save_checkpoint", save_checkpoint)
+
+
+def _earlier_run_on_tmpfs(ctx):
+    _tmpfs_output_dir(ctx, size="8m")
+    shutil.copytree(ctx.earlier, ctx.out, dirs_exist_ok=True)
+    return ["resume_from_checkpoint=true", "epochs=2", "keep_last_checkpoints=3"]
+
+
 # ---------------------------------------------------------------------------- process probes
+
+
+NAN_ON_RANK_1 = r'''
+import os
+if os.environ.get("RANK") == "1":
+    from distillm_tune.losses import ForwardKLLoss
+    original, calls = ForwardKLLoss.sum_and_count, []
+    def sum_and_count(self, *a, **k):
+        calls.append(1)
+        value, count = original(self, *a, **k)
+        return (value * float("nan") if len(calls) == 2 else value), count
+    ForwardKLLoss.sum_and_count = sum_and_count
+'''
+
+
+def _nan_on_one_rank(ctx):
+    """Rank 1 alone sees a NaN divergence at step 2: both ranks must stop in that step."""
+    hook = os.path.join(ctx.tmp, "nan_hook")
+    os.makedirs(hook)
+    open(os.path.join(hook, "sitecustomize.py"), "w").write(NAN_ON_RANK_1)
+    env = h.subprocess_env()
+    env["PYTHONPATH"] = hook + os.pathsep + env["PYTHONPATH"]
+    cmd = h.tune_cmd(f"assets_dir={ctx.assets}", f"output_dir={ctx.out}", "method=kd", "batch_size=4",
+                     "guards.on_nonfinite=stop", nproc=2)
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=h.REPO, env=env, capture_output=True, text=True, timeout=300)
+    stopped = sorted({line.split("]")[0] + "]" for line in proc.stderr.splitlines()
+                      if line.startswith("[rank") and "RunStopped: step 2" in line})
+    return proc.returncode, (f"{' and '.join(stopped) or 'no rank'} raised RunStopped in step 2, launcher exited "
+                             f"after {time.time() - t0:.0f} s: " + next(
+                                 (line.split(": ", 1)[1] for line in proc.stderr.splitlines() if "RunStopped: step 2" in line), ""))
+
 
 
 def _signal_then_resume(signal_name, phase, step):
@@ -408,6 +463,11 @@ PROBES = [
       r"could not write checkpoint '.*step_00000002'.*MiB free on that file system. The torn folder was removed; "
       r"the previous checkpoint '.*step_00000001' is intact",
       prepare=_tmpfs_output_dir, before_load=None, outcome="stop"),
+    P("disk_full_export", "disk full after the last checkpoint, while exporting the student",
+      r"could not export the student to '.*/hf_model': .*MiB free on that file system. An earlier export there "
+      r"is intact; the training state is in '.*step_00000006'",
+      prepare=_earlier_run_on_tmpfs, patch=_fill_disk_after_last_checkpoint, before_load=None, earlier_run=True,
+      outcome="stop"),
     # non-finite values and divergence
     P("teacher_nan_outputs", "teacher outputs NaN from step 2 (finite weights), guards.on_nonfinite=stop",
       r"RunStopped: step 2: the divergence term is not finite; source: the teacher's outputs hold NaN/inf",
@@ -439,6 +499,10 @@ PROBES = [
     P("rank_killed", "kill -9 of rank 1 of a 2-process FSDP run",
       r"launcher exited \d+ s after the kill, 0 worker\(s\) left; .*exitcode *: -9",
       process=_kill_one_rank, rc=1, before_load=None, slow=True, outcome="stop"),
+    P("nan_on_one_rank", "NaN divergence on rank 1 only, 2-process FSDP, guards.on_nonfinite=stop",
+      r"\[rank0\] and \[rank1\] raised RunStopped in step 2, launcher exited after \d+ s: RunStopped: step 2: "
+      r"the divergence term is not finite",
+      process=_nan_on_one_rank, rc=1, before_load=None, slow=True, outcome="stop"),
     P("launcher_killed", "kill -9 of the `tune run --nproc_per_node 2` launcher",
       r"2 workers, 0 alive .* after the launcher was killed; output dir no longer written",
       process=_kill_launcher, rc=-9, before_load=None, slow=True, outcome="stop"),
@@ -500,10 +564,16 @@ def test_probe(probe, tiny_assets, earlier_run, tmp_path, monkeypatch, caplog):
         assert found, message[-3000:]
         if probe.before_load is not None:
             assert before_load == probe.before_load, message
+        if probe.outcome == "error":  # refused at setup: within seconds, not after training
+            assert elapsed < 10, f"took {elapsed:.1f} s to fail"
+        waited = re.search(r"(?:exited|alive) (?:after )?(\d+) s", message)
+        if waited:  # no hang: a failed or orphaned process is gone within a minute
+            assert int(waited.group(1)) < 60, message
         _assert_nothing_lost(probe, ctx, before, failed=rc == 1 and probe.process is None)
     finally:
-        if probe.prepare is _tmpfs_output_dir:
-            subprocess.run(["umount", "-l", ctx.out], check=False)
+        if getattr(_tmpfs_output_dir, "mounted", None):
+            subprocess.run(["umount", "-l", _tmpfs_output_dir.mounted], check=False)
+            _tmpfs_output_dir.mounted = None
         if getattr(_hold_lock, "held", None) is not None:
             _hold_lock.held.close()
             _hold_lock.held = None
@@ -522,11 +592,13 @@ def test_probe(probe, tiny_assets, earlier_run, tmp_path, monkeypatch, caplog):
 
 
 def _assert_nothing_lost(probe, ctx, before, failed):
-    """Every file an earlier run left is byte-identical (metrics.jsonl may grow; a resume that
-    recovers may rewrite its own newest checkpoint), a failed run exported nothing, and every
+    """Every file an earlier run left is byte-identical (metrics.jsonl may grow, a resumed run moves
+    `latest`, one that recovers may rewrite its own newest checkpoint), a failed run exported nothing, and every
     checkpoint left behind verifies against its manifest."""
     after = _hashes(ctx.out) if os.path.isdir(ctx.out) else {}
     keep = [f for f in before if f != "metrics.jsonl"]
+    if probe.outcome != "error":  # a run that trained on from the earlier one moves its `latest` pointer
+        keep.remove("checkpoints/latest") if "checkpoints/latest" in keep else None
     if probe.outcome == "recovery" and probe.earlier_run:  # the resumed run goes on from the intact checkpoint
         keep = [f for f in keep if f.startswith("checkpoints/step_00000002/")]
     changed = [f for f in keep if after.get(f) != before[f]]
