@@ -84,6 +84,8 @@ KNOWN_KEYS = (
     "fused_loss_chunk_size", "clip_grad_norm", "optimizer.*", "lr_scheduler.*", "device", "dtype",
     "enable_activation_checkpointing", "save_every_n_steps", "keep_last_checkpoints", "resume_from_checkpoint",
     "overwrite", "log_every_n_steps", "metric_logger.*", "output_dir",
+    # the shipped configs' path variables (also allowed once an override has replaced every use)
+    "assets_dir", "checkpoints_dir", "data_dir",
 )
 # torchtune recipe keys this recipe does not implement: accepted only when off.
 TORCHTUNE_KEYS_OFF = ("compile", "profiler", "log_peak_memory_stats", "optimizer_in_bwd", "clip_grad_norm_type")
@@ -424,9 +426,11 @@ class KDOffPolicyRecipe:
         """A split that lost most of its rows to the length budget is an error (it would train on,
         or validate with, a biased remainder); many exact duplicates are a warning with counts."""
         stats, limit = data.stats, float(self.guards["max_dropped_fraction"])
-        if stats.rows_read and (stats.rows_read - stats.kept) / stats.rows_read > limit:
+        # rows lost to the length budget or as malformed; rows of other splits are not losses
+        dropped = sum(n for reason, n in stats.counts.items() if reason.startswith("dropped") or reason == "bad_row")
+        if dropped and dropped / (dropped + stats.kept) > limit:
             raise _setting_error(
-                setting, f"{source!r} keeps {stats.kept} of {stats.rows_read} rows ({stats.summary()}): more than "
+                setting, f"{source!r} keeps {stats.kept} of {stats.kept + dropped} rows ({stats.summary()}): more than "
                          f"guards.max_dropped_fraction={limit:g} were dropped; raise max_seq_len/max_prompt_len, fix "
                          "the data, or raise guards.max_dropped_fraction")
         samples = [self.io.sample(data[i]) for i in range(len(data))]

@@ -92,12 +92,12 @@ def _edit_config(edit):
     return damage
 
 
-def _nan_weight(d):
+def _nan_weight(d, value=float("nan")):
     from safetensors.torch import load_file, save_file
 
     p = os.path.join(d, "model.safetensors")
     sd = load_file(p)
-    next(v for k, v in sd.items() if "attn" in k).view(-1)[0] = float("nan")
+    next(v for k, v in sd.items() if "attn" in k).view(-1)[0] = value
     save_file(sd, p, metadata={"format": "pt"})
 
 
@@ -424,6 +424,9 @@ PROBES = [
     P("teacher_nan_weights", "teacher checkpoint with a NaN weight",
       r"config teacher.checkpoint_dir: '.*' holds non-finite weights in 1 tensors",
       prepare=_broken_checkpoint("teacher", _nan_weight), before_load=False),
+    P("teacher_inf_weights", "teacher checkpoint with an inf weight",
+      r"config teacher.checkpoint_dir: '.*' holds non-finite weights in 1 tensors",
+      prepare=_broken_checkpoint("teacher", lambda d: _nan_weight(d, float("inf"))), before_load=False),
     P("teacher_swapped_ids", "teacher tokenizer with two ids swapped (a <-> e), same size and merges",
       r"config teacher.checkpoint_dir: the teacher's tokenizer .* differs .*token id \d+ is '[ae]' for the teacher",
       prepare=_broken_checkpoint("teacher", _swap_token_ids)),
@@ -436,6 +439,9 @@ PROBES = [
     P("valid_all_too_long", "every validation row longer than the budget",
       r"config validation.dataset.source: '.*' gives no usable example \(read (\d+) rows, kept 0 \(dropped_long_prompt=\1\)",
       prepare=_data("valid", lambda lines: _long_rows(lines, 1.0), key="validation.dataset.source")),
+    P("train_all_too_long", "every training row longer than the budget (fully filtered)",
+      r"config dataset.source: '.*' gives no usable example \(read 96 rows, kept 0 \(dropped_long_prompt=96\)",
+      prepare=_data("train", lambda lines: _long_rows(lines, 1.0))),
     P("train_mostly_too_long", "60% of the training rows longer than the budget",
       r"config dataset.source: '.*' keeps 38 of 96 rows .*more than guards.max_dropped_fraction=0.5 were dropped",
       prepare=_data("train", lambda lines: _long_rows(lines, 0.6))),
