@@ -87,6 +87,10 @@ def output_projection(model: nn.Module):
     """``(weight [V, H], bias or None)`` of a decoder's output layer: its own ``nn.Linear`` or the
     token embedding it is tied to (GPT-2, OPT)."""
     out = model.output
+    if getattr(out, "softcap", None) is not None:  # models.native.SoftCappedTiedLinear (Gemma 2)
+        raise ValueError("the model's logits are soft-capped (config.json final_logit_softcapping): "
+                         "a fused loss over hidden states and the head weight would skip the capping; "
+                         "unset fused_loss_chunk_size")
     if isinstance(out, TiedLinear):
         return out.tied_module.weight, None
     if isinstance(out, nn.Linear):
