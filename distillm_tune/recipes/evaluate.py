@@ -61,6 +61,7 @@ from distillm_tune.data.seq2seq import LANG_NAMES, make_iwslt_parser, parse_sams
 from distillm_tune.eval.metrics import bleu, mean_std, rouge_l
 from distillm_tune.models._registry import family_for
 from distillm_tune.models.hf import load_hf, load_hf_tokenizer, read_hf_config
+from distillm_tune.models.tokenizer import cut_at_stop, stop_ids
 from distillm_tune.models.t5._model import generate_seq2seq
 from distillm_tune.sgo.sampler import generate_responses
 
@@ -122,10 +123,6 @@ def _row_parser(entry: Dict[str, Any], seq2seq: bool):
         return prompt, [target]
 
     return task_row
-
-
-def _cut_at_eos(ids: List[int], eos_id: int) -> List[int]:
-    return ids[: ids.index(eos_id)] if eos_id in ids else ids
 
 
 def _write_atomic(path: str, text: str) -> None:
@@ -258,7 +255,7 @@ class EvaluateRecipe:
             generator = torch.Generator(device=self.device).manual_seed(seed)
         new_tokens = self.greedy_new if task.greedy else self.max_seq_len - self.max_prompt_len
         temperature = 0.0 if task.greedy else self.temperature
-        eos, pad = self.tokenizer.eos_id, self.tokenizer.pad_id
+        stops, pad = stop_ids(self.tokenizer), self.tokenizer.pad_id
         texts = []
         batches = range(0, len(task.prompt_ids), self.batch_size)
         for start in tqdm(batches, desc=f"{task.name} seed={seed}", file=sys.stderr,
@@ -268,9 +265,9 @@ class EvaluateRecipe:
                 rows = self._generate_seq2seq(batch, new_tokens, temperature, generator)
             else:
                 rows = [s["response"] for s in generate_responses(
-                    self.model, batch, max_new_tokens=new_tokens, eos_ids=[eos], pad_id=pad,
+                    self.model, batch, max_new_tokens=new_tokens, eos_ids=stops, pad_id=pad,
                     temperature=temperature, top_p=self.top_p, generator=generator)]
-            texts += [self.tokenizer.decode(_cut_at_eos(r, eos)).strip() for r in rows]
+            texts += [self.tokenizer.decode(cut_at_stop(r, stops)).strip() for r in rows]
         return texts
 
     def _generate_seq2seq(self, batch, new_tokens, temperature, generator) -> List[List[int]]:

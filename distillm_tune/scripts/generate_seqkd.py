@@ -41,6 +41,7 @@ from tqdm import tqdm
 from distillm_tune.data._rows import DataStats
 from distillm_tune.data.instruction import SPLITS, load_dolly_rows, split_rows
 from distillm_tune.models.hf import load_hf, load_hf_tokenizer
+from distillm_tune.models.tokenizer import cut_at_stop, stop_ids
 from distillm_tune.sgo.sampler import generate_responses
 
 log = logging.getLogger("distillm_tune.generate_seqkd")
@@ -82,7 +83,7 @@ def generate_seqkd(model_dir: str, data: str, out: str, batch_size: int = 16,
         else:
             kept.append((ex, ids))
     generator = torch.Generator(device=torch_device).manual_seed(seed)
-    eos = tokenizer.eos_id
+    stops = stop_ids(tokenizer)
     rows: List[Dict[str, str]] = []
     for start in tqdm(range(0, len(kept), batch_size), desc="seqkd", file=sys.stderr):
         batch = kept[start : start + batch_size]
@@ -90,12 +91,12 @@ def generate_seqkd(model_dir: str, data: str, out: str, batch_size: int = 16,
             # one token short of the budget: the training dataset appends EOS to a response
             # that ran to the limit, and it must still fit in max_seq_len
             model, [ids for _, ids in batch], max_new_tokens=max_seq_len - max_prompt_len - 1,
-            eos_ids=[eos], pad_id=tokenizer.pad_id, temperature=temperature, top_p=top_p,
+            eos_ids=stops, pad_id=tokenizer.pad_id, temperature=temperature, top_p=top_p,
             generator=generator)
         for (ex, _), sample in zip(batch, samples):
             response = sample["response"]
-            if eos in response:
-                response = response[: response.index(eos)]
+            if any(t in stops for t in response):
+                response = cut_at_stop(response, stops)
             else:
                 stats.add("no_eos")
             text = tokenizer.decode(response).strip()

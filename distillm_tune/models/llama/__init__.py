@@ -2,6 +2,6 @@
 
 The Llama model itself is torchtune's own (``distillm_tune.models.native``)."""
 
-from distillm_tune.models.llama._tokenizer import OpenLlamaTokenizer, load_tokenizer
+from distillm_tune.models.llama._tokenizer import OpenLlamaTokenizer
 
-__all__ = ["OpenLlamaTokenizer", "load_tokenizer"]
+__all__ = ["OpenLlamaTokenizer"]
