@@ -48,7 +48,7 @@ TOKENIZER_FILES = (
     "tokenizer.model",
     "spiece.model",
 )
-COPIED_FILES = ("generation_config.json",) + TOKENIZER_FILES
+COPIED_FILES = ("generation_config.json", "chat_template.jinja") + TOKENIZER_FILES
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_SUBDIR = "adapter"
