@@ -41,6 +41,7 @@ class HFTokenizer:
 
     def __init__(self, checkpoint_dir: str, max_seq_len: Optional[int] = None):
         self.path = os.path.join(checkpoint_dir, TOKENIZER_JSON)
+        self.checkpoint_dir, self._hf = checkpoint_dir, None  # transformers' tokenizer, for chat templates
         self.tokenizer = Tokenizer.from_file(self.path)
         self.max_seq_len = max_seq_len
         config = {**_read_json(os.path.join(checkpoint_dir, "special_tokens_map.json")),
@@ -105,6 +106,18 @@ class HFTokenizer:
 
     def decode(self, ids: List[int], skip_special_tokens: bool = False) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: List[Dict[str, str]], add_generation_prompt: bool) -> str:
+        """``messages`` rendered as text with the checkpoint's own chat template, by transformers'
+        ``apply_chat_template`` (the Jinja environment and template variables it defines)."""
+        if self._hf is None:
+            from transformers import AutoTokenizer
+
+            self._hf = AutoTokenizer.from_pretrained(self.checkpoint_dir)
+            if not self._hf.chat_template:
+                raise ValueError(f"{self.checkpoint_dir!r} has no chat template (looked for chat_template "
+                                 "in tokenizer_config.json and chat_template.jinja); use dataset.template: paper")
+        return self._hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
 def load_checkpoint_tokenizer(checkpoint_dir: str, max_seq_len: Optional[int] = None):

@@ -34,7 +34,9 @@ Config keys: ``model_dir`` (HF checkpoint dir, any registered family), ``tokeniz
 ``model_dir``), ``datasets`` (list of ``{name, path, kind}`` plus the optional per-dataset keys
 above), ``seeds``, ``temperature``, ``top_p``, ``max_seq_len``, ``max_prompt_len``,
 ``greedy_max_new_tokens``, ``max_source_len`` (T5 encoder input budget), ``batch_size``, ``dtype``,
-``device``, ``output_dir``, ``max_examples`` (first N examples per dataset, for quick runs).
+``device``, ``output_dir``, ``max_examples`` (first N examples per dataset, for quick runs),
+``template`` (``paper``, default, or ``chat``: the checkpoint's chat template, as ``dataset.template``
+in training).
 
 Outputs in ``output_dir``: ``results.json`` (per dataset: kind, n, decoding, per metric the
 per-seed values, mean and std), ``results.md`` (dataset | metric | mean ± std | n) and
@@ -47,7 +49,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -56,7 +58,7 @@ from tqdm import tqdm
 
 from distillm_tune.data._rows import DataStats, parse_rows, read_rows
 from distillm_tune.data.eval_sets import parse_eval_row
-from distillm_tune.data.instruction import format_prompt, truncate_prompt
+from distillm_tune.data.instruction import TEMPLATES, chat_messages, format_prompt, truncate_prompt
 from distillm_tune.data.seq2seq import LANG_NAMES, make_iwslt_parser, parse_samsum_row
 from distillm_tune.eval.metrics import bleu, mean_std, rouge_l
 from distillm_tune.models._registry import family_for
@@ -93,13 +95,14 @@ class EvalTask:
         return self.kind != "instruction"
 
 
-def _row_parser(entry: Dict[str, Any], seq2seq: bool):
-    """``row -> (prompt text, references)`` for one dataset entry (rules: module docstring)."""
+def _row_parser(entry: Dict[str, Any], seq2seq: bool, render: Callable[[str, str], str] = format_prompt):
+    """``row -> (prompt text, references)`` for one dataset entry (rules: module docstring);
+    ``render(instruction, input)`` is the decoder-only prompt (paper template or chat)."""
     kind = entry["kind"]
 
     def instruction_row(row):
         ex = parse_eval_row(row)
-        return ex.prompt, ex.references
+        return render(ex.instruction, ex.input), ex.references
 
     if kind == "instruction":
         return instruction_row
@@ -119,7 +122,7 @@ def _row_parser(entry: Dict[str, Any], seq2seq: bool):
         if "instruction" in row:
             return instruction_row(row)
         source, target = pair(row)
-        prompt = prefix + source if seq2seq else format_prompt(instruction, source)
+        prompt = prefix + source if seq2seq else render(instruction, source)
         return prompt, [target]
 
     return task_row
@@ -142,7 +145,10 @@ class EvaluateRecipe:
         self.hf_config = read_hf_config(self.model_dir)
         self.seq2seq = family_for(self.hf_config.get("model_type", "")).is_encoder_decoder
         self.entries = self._check_datasets(cfg.get("datasets"))
-        self.parsers = [_row_parser(e, self.seq2seq) for e in self.entries]  # checks languages
+        self.template = str(cfg.get("template", "paper"))
+        if self.template not in TEMPLATES:
+            raise ValueError(f"template must be one of {TEMPLATES}, got {self.template!r}")
+        self.parsers = [_row_parser(e, self.seq2seq, self._render) for e in self.entries]  # checks languages
         self.seeds = [int(s) for s in cfg.get("seeds", [10, 20, 30, 40, 50])]
         self.temperature = float(cfg.get("temperature", 1.0))
         self.top_p = float(cfg.get("top_p", 1.0))
@@ -232,6 +238,13 @@ class EvaluateRecipe:
         return EvalTask(entry["name"], entry["kind"], str(entry["path"]), [p for p, _ in rows],
                         prompt_ids, [r for _, r in rows], stats)
 
+    def _render(self, instruction: str, input: str) -> str:
+        """The decoder-only prompt text: the paper's template, or the checkpoint's chat template
+        rendered as in training (``data.instruction.chat_messages``)."""
+        if self.template == "paper":
+            return format_prompt(instruction, input)
+        return self.tokenizer.apply_chat_template(chat_messages(instruction, input), add_generation_prompt=True)
+
     def _encode(self, prompt: str, stats: DataStats) -> List[int]:
         """Prompt ids within budget; evaluation cuts (never drops) so scores cover every example."""
         if self.seq2seq:  # T5: no BOS, EOS-terminated source; a cut source keeps its EOS
@@ -240,7 +253,8 @@ class EvaluateRecipe:
                 return ids
             stats.add("truncated_prompt")
             return ids[: self.max_source_len - 1] + [self.tokenizer.eos_id]
-        ids = self.tokenizer.encode(prompt, add_bos=True, add_eos=False)
+        # a chat rendering already holds whatever BOS its template writes
+        ids = self.tokenizer.encode(prompt, add_bos=self.template == "paper", add_eos=False)
         if len(ids) <= self.max_prompt_len:
             return ids
         stats.add("truncated_prompt")  # keeps BOS and the "### Response:" cue at the end

@@ -39,7 +39,7 @@ from torchtune import training, utils
 from tqdm import tqdm
 
 from distillm_tune.data._rows import DataStats
-from distillm_tune.data.instruction import SPLITS, load_dolly_rows, split_rows
+from distillm_tune.data.instruction import SPLITS, TEMPLATES, encode_prompt, load_dolly_rows, split_rows
 from distillm_tune.models.hf import load_hf, load_hf_tokenizer
 from distillm_tune.models.tokenizer import cut_at_stop, stop_ids
 from distillm_tune.sgo.sampler import generate_responses
@@ -51,7 +51,7 @@ def generate_seqkd(model_dir: str, data: str, out: str, batch_size: int = 16,
                    max_prompt_len: int = 256, max_seq_len: int = 512, temperature: float = 1.0,
                    top_p: float = 1.0, seed: int = 1, split: str = "all", valid_size: int = 500,
                    test_size: int = 500, split_seed: int = 1, dtype: str = "fp32",
-                   device: Optional[str] = None) -> DataStats:
+                   device: Optional[str] = None, template: str = "paper") -> DataStats:
     """Write ``out`` (rules: module docstring); returns the counts (``kept``, ``skipped_*``)."""
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"--model-dir {model_dir!r} does not exist")
@@ -63,6 +63,8 @@ def generate_seqkd(model_dir: str, data: str, out: str, batch_size: int = 16,
         raise ValueError(f"--split must be one of {SPLITS}, got {split!r}")
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    if template not in TEMPLATES:
+        raise ValueError(f"--template must be one of {TEMPLATES}, got {template!r}")
 
     examples, stats = load_dolly_rows(data)
     if split != "all":
@@ -77,7 +79,7 @@ def generate_seqkd(model_dir: str, data: str, out: str, batch_size: int = 16,
 
     kept = []
     for ex in examples:
-        ids = tokenizer.encode(ex.prompt, add_bos=True, add_eos=False)
+        ids = encode_prompt(tokenizer, ex.instruction, ex.input, template)  # as the training data
         if len(ids) > max_prompt_len:
             stats.add("skipped_long_prompt")
         else:
@@ -134,12 +136,14 @@ def main(argv=None) -> None:
     ap.add_argument("--split-seed", type=int, default=1)
     ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    ap.add_argument("--template", default="paper", choices=TEMPLATES,
+                    help="prompt rendering: the paper's template or the checkpoint's chat template")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     stats = generate_seqkd(
         args.model_dir, args.data, args.out, args.batch_size, args.max_prompt_len,
         args.max_seq_len, args.temperature, args.top_p, args.seed, args.split, args.valid_size,
-        args.test_size, args.split_seed, args.dtype, args.device)
+        args.test_size, args.split_seed, args.dtype, args.device, args.template)
     print(f"wrote {stats.kept} rows to {args.out} ({stats.summary()})")
 
 
