@@ -229,6 +229,10 @@ class KDOffPolicyRecipe:
                 f"teacher is a {t_cfg['model_type']} and the student a {s_cfg['model_type']}: "
                 "both must be decoder-only or both encoder-decoder",
             )
+        if real[0] != real[1] and not (s_fam.real_vocab_size or t_fam.real_vocab_size):
+            # Tables padded differently over one tokenizer (Qwen2.5 7B 152064 rows vs 0.5B 151936):
+            # the tokenizer's ids are the shared vocabulary (_check_same_tokenizer: one tokenizer).
+            real = [load_hf_tokenizer(d).vocab_size for d in (student_dir, teacher_dir)]
         if real[0] != real[1]:
             raise _setting_error(
                 "teacher.checkpoint_dir",
