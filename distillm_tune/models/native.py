@@ -54,13 +54,17 @@ def _refuse(family: str, key: str, value: Any, expected: str) -> ValueError:
 def _rope(cfg: Config) -> Dict[str, Any]:
     """``rope_parameters`` (transformers 5) or ``rope_theta`` + ``rope_scaling`` (transformers 4),
     as one dict with ``rope_type`` and ``rope_theta``."""
-    params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-    params.setdefault("rope_type", params.pop("type", "default"))
+    params = dict(cfg.get("rope_parameters") or {})
+    scaling = dict(cfg.get("rope_scaling") or {})
+    if "type" in scaling:  # the oldest form: rope_scaling: {type: linear, factor: 2}
+        scaling.setdefault("rope_type", scaling.pop("type"))
+    params.update(scaling)  # a scaling entry, in whichever form, is never silently dropped
+    params.setdefault("rope_type", "default")
     params.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
     return params
 
 
-def _head_dim(family: str, cfg: Config) -> int:
+def _head_dim(cfg: Config) -> int:
     return int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
 
 
@@ -98,7 +102,7 @@ def _plain_rope_and_head_dim(family: str, cfg: Config) -> None:
     if rope["rope_type"] != "default":
         raise _refuse(family, "rope_parameters.rope_type (rope_scaling.rope_type)",
                       rope["rope_type"], "unscaled RoPE ('default')")
-    if _head_dim(family, cfg) * cfg["num_attention_heads"] != cfg["hidden_size"]:
+    if _head_dim(cfg) * cfg["num_attention_heads"] != cfg["hidden_size"]:
         raise _refuse(family, "head_dim", cfg.get("head_dim"),
                       "head_dim == hidden_size // num_attention_heads")
 
@@ -158,7 +162,7 @@ def _gemma_args(cfg: Config):
         raise _refuse("gemma", "rope_parameters.rope_type", _rope(cfg)["rope_type"], "'default'")
     if not _tied(cfg):
         raise _refuse("gemma", "tie_word_embeddings", False, "True (the output is the embedding)")
-    return gemma, lora_gemma, {**args, "head_dim": _head_dim("gemma", cfg)}
+    return gemma, lora_gemma, {**args, "head_dim": _head_dim(cfg)}
 
 
 def _gemma2_args(cfg: Config):
@@ -246,7 +250,7 @@ def _dims(spec: "_Spec", cfg: Config) -> Dict[str, int]:
     args = spec.args(cfg)[2]
     dims = dict(num_heads=args["num_heads"], num_kv_heads=args["num_kv_heads"], dim=args["embed_dim"])
     if spec.takes_head_dim:
-        dims["head_dim"] = _head_dim(spec.name, cfg)
+        dims["head_dim"] = _head_dim(cfg)
     return dims
 
 
@@ -354,67 +358,55 @@ def _fuse_lora(parts: List[Tuple[int, torch.Tensor, torch.Tensor]], rows: List[i
     return torch.cat([a for _, a, _ in parts], dim=0), fused_b
 
 
-# Phi-3's fused HF modules: torchtune module names per slot, and the HF module they form.
+# Phi-3's fused HF modules and the torchtune projections they hold, in row order.
 _PHI3_FUSED = {"self_attn.qkv_proj": ("attn.q_proj", "attn.k_proj", "attn.v_proj"),
                "mlp.gate_up_proj": ("mlp.w1", "mlp.w3")}
+
+
+def _hf_module(spec: _Spec, module: str) -> Tuple[str, Optional[int]]:
+    """torchtune module path -> (HF module path, slot inside a fused HF module or None)."""
+    layer, _, inner = module.partition(".")[2].partition(".") if module.startswith("layers.") else (None, "", module)
+    if spec.name == "phi3":
+        for hf_inner, slots in _PHI3_FUSED.items():
+            if inner in slots:
+                return f"model.layers.{layer}.{hf_inner}", slots.index(inner)
+    table = {v.rsplit(".", 1)[0]: k.rsplit(".", 1)[0] for k, v in spec.from_hf.items() if v}
+    abstract = module if layer is None else f"layers.{{}}.{inner}"
+    if abstract not in table:
+        raise ValueError(f"no HF {spec.name} module corresponds to torchtune module {module!r}")
+    return table[abstract].format(layer), None
 
 
 def _lora_to_peft(spec: _Spec, lora_sd: StateDict, cfg: Config, lora: LoRASettings):
     """torchtune ``*.lora_a/b.weight`` -> PEFT ``base_model.model.<hf module>.lora_A/B.weight``,
     target modules and extra adapter-config entries (``rank_pattern``/``alpha_pattern`` for fused
     modules: rank ``n*r`` with alpha ``n*alpha`` keeps torchtune's ``alpha/r`` scaling)."""
-    dims = _dims(spec, cfg)
-    head_dim = dims.get("head_dim") or dims["dim"] // dims["num_heads"]
-    to_hf_module = {v.rsplit(".", 1)[0]: k.rsplit(".", 1)[0] for k, v in spec.from_hf.items() if v}
-    ab = {k: v for k, v in lora_sd.items() if ".lora_a." in k or ".lora_b." in k}
     if any(k.endswith(".magnitude") for k in lora_sd):
         raise ValueError("DoRA magnitudes cannot be exported to a PEFT LoRA adapter")
-    out, targets, extra = {}, set(), {}
-    modules = sorted({k.rsplit(".lora_", 1)[0] for k in ab})
-    fused_done = set()
-    for module in modules:
-        a, b = ab[f"{module}.lora_a.weight"], ab[f"{module}.lora_b.weight"]
-        layer, inner = (module.split(".", 2)[1], module.split(".", 2)[2]) if module.startswith("layers.") else (None, module)
-        if spec.name == "phi3" and layer is not None:
-            hf_inner = next((h for h, slots in _PHI3_FUSED.items() if inner in slots), None)
-            if hf_inner is not None:
-                if (layer, hf_inner) in fused_done:
-                    continue
-                fused_done.add((layer, hf_inner))
-                slots = _PHI3_FUSED[hf_inner]
-                rows = [lora_sd_rows(spec, cfg, s) for s in slots]
-                parts = [(i, ab[f"layers.{layer}.{s}.lora_a.weight"], ab[f"layers.{layer}.{s}.lora_b.weight"])
-                         for i, s in enumerate(slots) if f"layers.{layer}.{s}.lora_a.weight" in ab]
-                a, b = _fuse_lora(parts, rows)
-                hf_module = f"model.layers.{layer}.{hf_inner}"
-                if len(parts) > 1:
-                    extra.setdefault("rank_pattern", {})[hf_inner] = len(parts) * lora.lora_rank
-                    extra.setdefault("alpha_pattern", {})[hf_inner] = len(parts) * lora.lora_alpha
-                out[f"base_model.model.{hf_module}.lora_A.weight"] = a
-                out[f"base_model.model.{hf_module}.lora_B.weight"] = b
-                targets.add(hf_inner.split(".")[-1])
-                continue
-        abstract = module if layer is None else f"layers.{{}}.{inner}"
-        if abstract not in to_hf_module:
-            raise ValueError(f"no HF {spec.name} module corresponds to torchtune module {module!r}")
-        hf_module = to_hf_module[abstract].format(layer)
-        if spec.permutes_qk and inner == "attn.q_proj":
-            b = _permute_rows_to_hf(b, dims["num_heads"], head_dim)
-        elif spec.permutes_qk and inner == "attn.k_proj":
-            b = _permute_rows_to_hf(b, dims["num_kv_heads"], head_dim)
-        out[f"base_model.model.{hf_module}.lora_A.weight"] = a
-        out[f"base_model.model.{hf_module}.lora_B.weight"] = b
-        targets.add(hf_module.split(".")[-1])
-    return {k: v.contiguous() for k, v in out.items()}, sorted(targets), extra
-
-
-def lora_sd_rows(spec: _Spec, cfg: Config, slot: str) -> int:
-    """Output rows of one projection inside a Phi-3 fused module."""
     args = spec.args(cfg)[2]
-    head_dim = args["embed_dim"] // args["num_heads"]
-    return {"attn.q_proj": args["num_heads"] * head_dim, "attn.k_proj": args["num_kv_heads"] * head_dim,
-            "attn.v_proj": args["num_kv_heads"] * head_dim, "mlp.w1": args["intermediate_dim"],
-            "mlp.w3": args["intermediate_dim"]}[slot]
+    head_dim = args.get("head_dim") or args["embed_dim"] // args["num_heads"]
+    groups: Dict[str, list] = {}  # HF module -> [(slot, lora_a, lora_b)]
+    for key in sorted(k for k in lora_sd if k.endswith(".lora_a.weight")):
+        module = key[: -len(".lora_a.weight")]
+        a, b = lora_sd[key], lora_sd[f"{module}.lora_b.weight"]
+        if spec.permutes_qk and module.endswith(("attn.q_proj", "attn.k_proj")):
+            heads = args["num_heads"] if module.endswith("q_proj") else args["num_kv_heads"]
+            b = _permute_rows_to_hf(b, heads, head_dim)
+        hf_module, slot = _hf_module(spec, module)
+        groups.setdefault(hf_module, []).append((slot, a, b))
+    out, extra = {}, {}
+    q, kv, ffn = args["num_heads"] * head_dim, args["num_kv_heads"] * head_dim, args["intermediate_dim"]
+    for hf_module, parts in groups.items():
+        a, b = parts[0][1:]
+        if parts[0][0] is not None:  # Phi-3: rows of q, k, v or of gate, up
+            a, b = _fuse_lora(parts, [q, kv, kv] if hf_module.endswith("qkv_proj") else [ffn, ffn])
+            if len(parts) > 1:
+                name = hf_module.split(".", 3)[3]
+                extra.setdefault("rank_pattern", {})[name] = len(parts) * lora.lora_rank
+                extra.setdefault("alpha_pattern", {})[name] = len(parts) * lora.lora_alpha
+        out[f"base_model.model.{hf_module}.lora_A.weight"] = a.contiguous()
+        out[f"base_model.model.{hf_module}.lora_B.weight"] = b.contiguous()
+    return out, sorted({m.rsplit(".", 1)[1] for m in groups}), extra
 
 
 # ----------------------------------------------------------------------------- the families

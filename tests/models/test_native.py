@@ -8,6 +8,8 @@ KV-cached greedy ``generate`` equal to transformers' token for token, HF -> ours
 merged export and PEFT adapter giving the LoRA model's logits in transformers/peft.
 """
 
+import json
+
 import pytest
 import torch
 from transformers import (
@@ -126,3 +128,35 @@ LORA_CASES = [
 def test_lora_merge_and_peft_export(case, lora, tmp_path):
     p, config, _, saved = case
     p.check_lora_merge_and_peft_export(config, saved, lora, tmp_path)
+
+
+REFUSALS = [
+    ("phi3_gqa", dict(rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [1.0] * 4}),
+     "rope_type"),
+    ("phi3_gqa", dict(partial_rotary_factor=0.5), "partial_rotary_factor"),
+    ("qwen2_tied", dict(use_sliding_window=True), "use_sliding_window"),
+    ("gemma_mqa", dict(tie_word_embeddings=False), "tie_word_embeddings"),
+    ("gemma2_softcap", dict(final_logit_softcapping=None), "final_logit_softcapping"),
+    ("gemma2_softcap", dict(layer_types=["full_attention", "full_attention"]), "layer_types"),
+    ("mistral_gqa", dict(head_dim=16), "head_dim"),
+    ("llama_gqa_untied", dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}), "rope_type"),
+]
+
+
+@pytest.mark.parametrize("case,change,key", REFUSALS, ids=[f"{c}-{k}" for c, _, k in REFUSALS])
+def test_what_torchtune_cannot_express_is_refused_naming_the_key(case, change, key, tmp_path):
+    """Before any weight is read: load_hf builds on the meta device first."""
+    p, config = port(case)
+    p.random_hf_model(config).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, **change}))
+    with pytest.raises(ValueError, match=key):
+        load_hf(tmp_path)
+
+
+def test_gemma2_is_built_for_sequences_up_to_its_window():
+    """torchtune's KV-cached sliding-window mask is wrong past the window: no longer sequences."""
+    _, config = port("gemma2_softcap")
+    with torch.device("meta"):
+        model = family_for("gemma2").build({**config.to_dict(), "sliding_window": 8})
+    assert model.max_seq_len == 8
