@@ -406,7 +406,7 @@ def _lora_to_peft(spec: _Spec, lora_sd: StateDict, cfg: Config, lora: LoRASettin
                 extra.setdefault("alpha_pattern", {})[name] = len(parts) * lora.lora_alpha
         out[f"base_model.model.{hf_module}.lora_A.weight"] = a.contiguous()
         out[f"base_model.model.{hf_module}.lora_B.weight"] = b.contiguous()
-    return out, sorted({m.rsplit(".", 1)[1] for m in groups}), extra
+    return out, sorted({m.rsplit(".", 1)[-1] for m in groups}), extra
 
 
 # ----------------------------------------------------------------------------- the families

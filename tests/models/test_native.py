@@ -120,13 +120,18 @@ LORA_CASES = [
     LoRASettings(("q_proj", "k_proj", "v_proj", "output_proj"), apply_lora_to_mlp=True, lora_rank=4, lora_alpha=8.0),
     LoRASettings(("q_proj", "v_proj"), lora_rank=2, lora_alpha=3.0),
     LoRASettings(("k_proj",), lora_rank=3, lora_alpha=5.0),
+    LoRASettings(("v_proj",), apply_lora_to_output=True, lora_rank=2, lora_alpha=4.0),
 ]
 
 
 @pytest.mark.usefixtures("peft_without_torchao")
-@pytest.mark.parametrize("lora", LORA_CASES, ids=["qkvo_mlp", "qv", "k"])
+@pytest.mark.parametrize("lora", LORA_CASES, ids=["qkvo_mlp", "qv", "k", "v_output"])
 def test_lora_merge_and_peft_export(case, lora, tmp_path):
     p, config, _, saved = case
+    if lora.apply_lora_to_output and config.tie_word_embeddings:
+        with pytest.raises(ValueError, match="apply_lora_to_output"):
+            p.family.build(config.to_dict(), lora)
+        return
     p.check_lora_merge_and_peft_export(config, saved, lora, tmp_path)
 
 
