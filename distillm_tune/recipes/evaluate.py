@@ -36,7 +36,9 @@ above), ``seeds``, ``temperature``, ``top_p``, ``max_seq_len``, ``max_prompt_len
 ``greedy_max_new_tokens``, ``max_source_len`` (T5 encoder input budget), ``batch_size``, ``dtype``,
 ``device``, ``output_dir``, ``max_examples`` (first N examples per dataset, for quick runs),
 ``template`` (``paper``, default, or ``chat``: the checkpoint's chat template, as ``dataset.template``
-in training).
+in training), ``on_bad_row`` (``error``, default, or ``skip``: malformed rows such as an empty
+reference are counted and left out, as in training), ``decoding`` (``sampling``, the paper's seeds,
+or ``greedy``: one temperature-0 run of the instruction sets too).
 
 Outputs in ``output_dir``: ``results.json`` (per dataset: kind, n, decoding, per metric the
 per-seed values, mean and std), ``results.md`` (dataset | metric | mean ± std | n) and
@@ -56,7 +58,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchtune import config, training, utils
 from tqdm import tqdm
 
-from distillm_tune.data._rows import DataStats, parse_rows, read_rows
+from distillm_tune.data._rows import DataStats, check_on_bad_row, parse_rows, read_rows
 from distillm_tune.data.eval_sets import parse_eval_row
 from distillm_tune.data.instruction import TEMPLATES, chat_messages, format_prompt, truncate_prompt
 from distillm_tune.data.seq2seq import LANG_NAMES, make_iwslt_parser, parse_samsum_row
@@ -89,10 +91,7 @@ class EvalTask:
     prompt_ids: List[List[int]]
     references: List[List[str]]
     stats: DataStats
-
-    @property
-    def greedy(self) -> bool:
-        return self.kind != "instruction"
+    greedy: bool = False  # summarization / translation always; instruction with decoding: greedy
 
 
 def _row_parser(entry: Dict[str, Any], seq2seq: bool, render: Callable[[str, str], str] = format_prompt):
@@ -145,6 +144,11 @@ class EvaluateRecipe:
         self.hf_config = read_hf_config(self.model_dir)
         self.seq2seq = family_for(self.hf_config.get("model_type", "")).is_encoder_decoder
         self.entries = self._check_datasets(cfg.get("datasets"))
+        self.on_bad_row = str(cfg.get("on_bad_row", "error"))
+        check_on_bad_row(self.on_bad_row)
+        self.decoding = str(cfg.get("decoding", "sampling"))
+        if self.decoding not in ("sampling", "greedy"):
+            raise ValueError(f"decoding must be 'sampling' (the paper's seeds) or 'greedy', got {self.decoding!r}")
         self.template = str(cfg.get("template", "paper"))
         if self.template not in TEMPLATES:
             raise ValueError(f"template must be one of {TEMPLATES}, got {self.template!r}")
@@ -228,7 +232,7 @@ class EvaluateRecipe:
 
     def _load_task(self, entry: Dict[str, Any], parser) -> EvalTask:
         stats = DataStats()
-        rows = parse_rows(read_rows(str(entry["path"]), "test"), parser, "error", stats)
+        rows = parse_rows(read_rows(str(entry["path"]), "test"), parser, self.on_bad_row, stats)
         if self.max_examples is not None:
             rows = rows[: int(self.max_examples)]
         if not rows:
@@ -236,7 +240,8 @@ class EvaluateRecipe:
         prompt_ids = [self._encode(prompt, stats) for prompt, _ in rows]
         stats.kept = len(rows)
         return EvalTask(entry["name"], entry["kind"], str(entry["path"]), [p for p, _ in rows],
-                        prompt_ids, [r for _, r in rows], stats)
+                        prompt_ids, [r for _, r in rows], stats,
+                        greedy=entry["kind"] != "instruction" or self.decoding == "greedy")
 
     def _render(self, instruction: str, input: str) -> str:
         """The decoder-only prompt text: the paper's template, or the checkpoint's chat template
@@ -267,7 +272,7 @@ class EvaluateRecipe:
         generator = None
         if seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(seed)
-        new_tokens = self.greedy_new if task.greedy else self.max_seq_len - self.max_prompt_len
+        new_tokens = self.greedy_new if task.kind != "instruction" else self.max_seq_len - self.max_prompt_len
         temperature = 0.0 if task.greedy else self.temperature
         stops, pad = stop_ids(self.tokenizer), self.tokenizer.pad_id
         texts = []
