@@ -16,7 +16,7 @@ from distillm_tune.models.t5._model import (
 from distillm_tune.models.t5._model_builders import build, real_vocab_size, t5_kwargs_from_hf_config
 from distillm_tune.models.t5._tokenizer import T5Tokenizer, load_t5_tokenizer
 
-T5_FAMILY = register(
+FAMILY = register(
     ModelFamily(
         name="t5",
         model_types=("t5", "mt5"),
@@ -31,7 +31,7 @@ T5_FAMILY = register(
 )
 
 __all__ = [
-    "T5Attention", "T5DecoderLayer", "T5EncoderDecoder", "T5Tokenizer", "T5_FAMILY", "build",
+    "FAMILY", "T5Attention", "T5DecoderLayer", "T5EncoderDecoder", "T5Tokenizer", "build",
     "generate_seq2seq", "hf_to_tune", "key_map", "load_t5_tokenizer", "lora_t5", "lora_to_peft",
     "real_vocab_size", "t5", "t5_kwargs_from_hf_config", "tune_to_hf",
 ]
