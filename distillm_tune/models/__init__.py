@@ -4,7 +4,7 @@ Importing this package registers every family with ``_registry``; ``hf.py`` then
 Hugging Face checkpoints of any registered ``model_type``.
 """
 
-from distillm_tune.models import gpt2, llama, opt, t5  # noqa: F401  (registration side effect)
+from distillm_tune.models import gpt2, native, opt, t5  # noqa: F401  (registration side effect)
 from distillm_tune.models._registry import LoRASettings, ModelFamily, family_for, register
 from distillm_tune.models.hf import (
     HFCheckpointer,

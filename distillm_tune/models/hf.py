@@ -15,12 +15,12 @@ half-written checkpoint where a good one was.
 import contextlib
 import json
 import os
-import re
 import shutil
 import tempfile
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
+from huggingface_hub import save_torch_state_dict
 from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save_file as save_safetensors
 from torch import nn
@@ -48,7 +48,7 @@ TOKENIZER_FILES = (
     "tokenizer.model",
     "spiece.model",
 )
-COPIED_FILES = ("generation_config.json",) + TOKENIZER_FILES
+COPIED_FILES = ("generation_config.json", "chat_template.jinja") + TOKENIZER_FILES
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_SUBDIR = "adapter"
@@ -343,40 +343,6 @@ def _swap_in(tmp: str, output_dir: str) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(size: Union[int, str]) -> int:
-    """Bytes of ``size``: an int, or a string like "5GB", "20KB", "500MiB" (HF's convention:
-    KB = 1000 bytes, KiB = 1024)."""
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(size))
-    if m is None or m.group(2).upper() not in _SIZE_UNITS:
-        raise ValueError(f"cannot read size {size!r}; expected e.g. 5GB, 200MB, 20KB or bytes")
-    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
-def _plan_shards(state_dict: StateDict, max_bytes: int) -> List[List[str]]:
-    """Greedy split in key order; a tensor larger than ``max_bytes`` gets a shard of its own."""
-    shards, current, size = [], [], 0
-    for key, tensor in state_dict.items():
-        n = _nbytes(tensor)
-        if current and size + n > max_bytes:
-            shards.append(current)
-            current, size = [], 0
-        current.append(key)
-        size += n
-    if current:
-        shards.append(current)
-    return shards
-
-
 def _for_safetensors(state_dict: StateDict, dtype: Optional[torch.dtype]) -> StateDict:
     """CPU, contiguous, optionally cast floats, and no two entries sharing storage (safetensors
     refuses shared tensors, e.g. tied weights)."""
@@ -394,24 +360,10 @@ def _for_safetensors(state_dict: StateDict, dtype: Optional[torch.dtype]) -> Sta
     return out
 
 
-def _write_weights(state_dict: StateDict, out_dir: str, max_shard_size) -> List[str]:
-    """``model.safetensors``, or numbered shards plus ``model.safetensors.index.json``."""
-    shards = _plan_shards(state_dict, parse_size(max_shard_size))
-    if len(shards) == 1:
-        save_safetensors(state_dict, os.path.join(out_dir, SAFE_WEIGHTS), metadata={"format": "pt"})
-        return [SAFE_WEIGHTS]
-    names, weight_map = [], {}
-    for i, keys in enumerate(shards, start=1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_safetensors({k: state_dict[k] for k in keys}, os.path.join(out_dir, name),
-                         metadata={"format": "pt"})
-        weight_map.update({k: name for k in keys})
-        names.append(name)
-    index = {"metadata": {"total_size": sum(_nbytes(t) for t in state_dict.values())},
-             "weight_map": weight_map}
-    with open(os.path.join(out_dir, SAFE_INDEX), "w") as f:
-        json.dump(index, f, indent=2)
-    return names + [SAFE_INDEX]
+def _write_weights(state_dict: StateDict, out_dir: str, max_shard_size) -> None:
+    """``model.safetensors``, or shards plus ``model.safetensors.index.json`` past
+    ``max_shard_size`` ("5GB", "20KB" or bytes), written by huggingface_hub as transformers does."""
+    save_torch_state_dict(state_dict, out_dir, max_shard_size=max_shard_size, metadata={"format": "pt"})
 
 
 def _float_dtype_name(state_dict: StateDict) -> Optional[str]:

@@ -34,7 +34,11 @@ Config keys: ``model_dir`` (HF checkpoint dir, any registered family), ``tokeniz
 ``model_dir``), ``datasets`` (list of ``{name, path, kind}`` plus the optional per-dataset keys
 above), ``seeds``, ``temperature``, ``top_p``, ``max_seq_len``, ``max_prompt_len``,
 ``greedy_max_new_tokens``, ``max_source_len`` (T5 encoder input budget), ``batch_size``, ``dtype``,
-``device``, ``output_dir``, ``max_examples`` (first N examples per dataset, for quick runs).
+``device``, ``output_dir``, ``max_examples`` (first N examples per dataset, for quick runs),
+``template`` (``paper``, default, or ``chat``: the checkpoint's chat template, as ``dataset.template``
+in training), ``on_bad_row`` (``error``, default, or ``skip``: malformed rows such as an empty
+reference are counted and left out, as in training), ``decoding`` (``sampling``, the paper's seeds,
+or ``greedy``: one temperature-0 run of the instruction sets too).
 
 Outputs in ``output_dir``: ``results.json`` (per dataset: kind, n, decoding, per metric the
 per-seed values, mean and std), ``results.md`` (dataset | metric | mean ± std | n) and
@@ -47,20 +51,21 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torchtune import config, training, utils
 from tqdm import tqdm
 
-from distillm_tune.data._rows import DataStats, parse_rows, read_rows
+from distillm_tune.data._rows import DataStats, check_on_bad_row, parse_rows, read_rows
 from distillm_tune.data.eval_sets import parse_eval_row
-from distillm_tune.data.instruction import format_prompt, truncate_prompt
+from distillm_tune.data.instruction import TEMPLATES, chat_messages, format_prompt, truncate_prompt
 from distillm_tune.data.seq2seq import LANG_NAMES, make_iwslt_parser, parse_samsum_row
 from distillm_tune.eval.metrics import bleu, mean_std, rouge_l
 from distillm_tune.models._registry import family_for
 from distillm_tune.models.hf import load_hf, load_hf_tokenizer, read_hf_config
+from distillm_tune.models.tokenizer import cut_at_stop, stop_ids
 from distillm_tune.models.t5._model import generate_seq2seq
 from distillm_tune.sgo.sampler import generate_responses
 
@@ -86,19 +91,17 @@ class EvalTask:
     prompt_ids: List[List[int]]
     references: List[List[str]]
     stats: DataStats
-
-    @property
-    def greedy(self) -> bool:
-        return self.kind != "instruction"
+    greedy: bool = False  # summarization / translation always; instruction with decoding: greedy
 
 
-def _row_parser(entry: Dict[str, Any], seq2seq: bool):
-    """``row -> (prompt text, references)`` for one dataset entry (rules: module docstring)."""
+def _row_parser(entry: Dict[str, Any], seq2seq: bool, render: Callable[[str, str], str] = format_prompt):
+    """``row -> (prompt text, references)`` for one dataset entry (rules: module docstring);
+    ``render(instruction, input)`` is the decoder-only prompt (paper template or chat)."""
     kind = entry["kind"]
 
     def instruction_row(row):
         ex = parse_eval_row(row)
-        return ex.prompt, ex.references
+        return render(ex.instruction, ex.input), ex.references
 
     if kind == "instruction":
         return instruction_row
@@ -118,14 +121,10 @@ def _row_parser(entry: Dict[str, Any], seq2seq: bool):
         if "instruction" in row:
             return instruction_row(row)
         source, target = pair(row)
-        prompt = prefix + source if seq2seq else format_prompt(instruction, source)
+        prompt = prefix + source if seq2seq else render(instruction, source)
         return prompt, [target]
 
     return task_row
-
-
-def _cut_at_eos(ids: List[int], eos_id: int) -> List[int]:
-    return ids[: ids.index(eos_id)] if eos_id in ids else ids
 
 
 def _write_atomic(path: str, text: str) -> None:
@@ -145,7 +144,15 @@ class EvaluateRecipe:
         self.hf_config = read_hf_config(self.model_dir)
         self.seq2seq = family_for(self.hf_config.get("model_type", "")).is_encoder_decoder
         self.entries = self._check_datasets(cfg.get("datasets"))
-        self.parsers = [_row_parser(e, self.seq2seq) for e in self.entries]  # checks languages
+        self.on_bad_row = str(cfg.get("on_bad_row", "error"))
+        check_on_bad_row(self.on_bad_row)
+        self.decoding = str(cfg.get("decoding", "sampling"))
+        if self.decoding not in ("sampling", "greedy"):
+            raise ValueError(f"decoding must be 'sampling' (the paper's seeds) or 'greedy', got {self.decoding!r}")
+        self.template = str(cfg.get("template", "paper"))
+        if self.template not in TEMPLATES:
+            raise ValueError(f"template must be one of {TEMPLATES}, got {self.template!r}")
+        self.parsers = [_row_parser(e, self.seq2seq, self._render) for e in self.entries]  # checks languages
         self.seeds = [int(s) for s in cfg.get("seeds", [10, 20, 30, 40, 50])]
         self.temperature = float(cfg.get("temperature", 1.0))
         self.top_p = float(cfg.get("top_p", 1.0))
@@ -225,7 +232,7 @@ class EvaluateRecipe:
 
     def _load_task(self, entry: Dict[str, Any], parser) -> EvalTask:
         stats = DataStats()
-        rows = parse_rows(read_rows(str(entry["path"]), "test"), parser, "error", stats)
+        rows = parse_rows(read_rows(str(entry["path"]), "test"), parser, self.on_bad_row, stats)
         if self.max_examples is not None:
             rows = rows[: int(self.max_examples)]
         if not rows:
@@ -233,7 +240,15 @@ class EvaluateRecipe:
         prompt_ids = [self._encode(prompt, stats) for prompt, _ in rows]
         stats.kept = len(rows)
         return EvalTask(entry["name"], entry["kind"], str(entry["path"]), [p for p, _ in rows],
-                        prompt_ids, [r for _, r in rows], stats)
+                        prompt_ids, [r for _, r in rows], stats,
+                        greedy=entry["kind"] != "instruction" or self.decoding == "greedy")
+
+    def _render(self, instruction: str, input: str) -> str:
+        """The decoder-only prompt text: the paper's template, or the checkpoint's chat template
+        rendered as in training (``data.instruction.chat_messages``)."""
+        if self.template == "paper":
+            return format_prompt(instruction, input)
+        return self.tokenizer.apply_chat_template(chat_messages(instruction, input), add_generation_prompt=True)
 
     def _encode(self, prompt: str, stats: DataStats) -> List[int]:
         """Prompt ids within budget; evaluation cuts (never drops) so scores cover every example."""
@@ -243,7 +258,8 @@ class EvaluateRecipe:
                 return ids
             stats.add("truncated_prompt")
             return ids[: self.max_source_len - 1] + [self.tokenizer.eos_id]
-        ids = self.tokenizer.encode(prompt, add_bos=True, add_eos=False)
+        # a chat rendering already holds whatever BOS its template writes
+        ids = self.tokenizer.encode(prompt, add_bos=self.template == "paper", add_eos=False)
         if len(ids) <= self.max_prompt_len:
             return ids
         stats.add("truncated_prompt")  # keeps BOS and the "### Response:" cue at the end
@@ -256,9 +272,9 @@ class EvaluateRecipe:
         generator = None
         if seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(seed)
-        new_tokens = self.greedy_new if task.greedy else self.max_seq_len - self.max_prompt_len
+        new_tokens = self.greedy_new if task.kind != "instruction" else self.max_seq_len - self.max_prompt_len
         temperature = 0.0 if task.greedy else self.temperature
-        eos, pad = self.tokenizer.eos_id, self.tokenizer.pad_id
+        stops, pad = stop_ids(self.tokenizer), self.tokenizer.pad_id
         texts = []
         batches = range(0, len(task.prompt_ids), self.batch_size)
         for start in tqdm(batches, desc=f"{task.name} seed={seed}", file=sys.stderr,
@@ -268,9 +284,9 @@ class EvaluateRecipe:
                 rows = self._generate_seq2seq(batch, new_tokens, temperature, generator)
             else:
                 rows = [s["response"] for s in generate_responses(
-                    self.model, batch, max_new_tokens=new_tokens, eos_ids=[eos], pad_id=pad,
+                    self.model, batch, max_new_tokens=new_tokens, eos_ids=stops, pad_id=pad,
                     temperature=temperature, top_p=self.top_p, generator=generator)]
-            texts += [self.tokenizer.decode(_cut_at_eos(r, eos)).strip() for r in rows]
+            texts += [self.tokenizer.decode(cut_at_stop(r, stops)).strip() for r in rows]
         return texts
 
     def _generate_seq2seq(self, batch, new_tokens, temperature, generator) -> List[List[int]]:

@@ -37,6 +37,7 @@ from distillm_tune.data.pretrain import collate_packed
 from distillm_tune.losses import Divergence, FusedLinearDivergence
 from distillm_tune.losses.cross_entropy import cross_entropy_sum_and_count, linear_cross_entropy_sum_and_count
 from distillm_tune.models import LoRASettings, family_for, load_hf, load_hf_tokenizer, read_hf_config
+from distillm_tune.models.tokenizer import cut_at_stop, stop_ids
 from distillm_tune.models.hf import save_hf_state_dict, save_peft_adapter_state_dict
 from distillm_tune.sgo import (
     METHODS,
@@ -353,6 +354,10 @@ class KDOffPolicyRecipe:
                 f"teacher is a {t_cfg['model_type']} and the student a {s_cfg['model_type']}: "
                 "both must be decoder-only or both encoder-decoder",
             )
+        if real[0] != real[1] and not (s_fam.real_vocab_size or t_fam.real_vocab_size):
+            # Tables padded differently over one tokenizer (Qwen2.5 7B 152064 rows vs 0.5B 151936):
+            # the tokenizer's ids are the shared vocabulary (_check_same_tokenizer: one tokenizer).
+            real = [load_hf_tokenizer(d).vocab_size for d in (student_dir, teacher_dir)]
         if real[0] != real[1]:
             raise _setting_error(
                 "teacher.checkpoint_dir",
@@ -777,7 +782,7 @@ class KDOffPolicyRecipe:
             out = self._generate([self.io.sample(self.valid_data[i]) for i in (idx or [0])], temperature=0.0)
             if not idx:
                 continue
-            preds = [self.tokenizer.decode([t for t in s["response"] if t != self.tokenizer.eos_id]).strip() for s in out]
+            preds = [self.tokenizer.decode(cut_at_stop(s["response"], stop_ids(self.tokenizer))).strip() for s in out]
             refs = [self.io.references(self.valid_data, i) for i in idx]
             local += torch.tensor([rouge_l(preds, refs) * len(idx), float(len(idx))], device=self.device)
         all_reduce_sum(local)

@@ -39,8 +39,9 @@ from torchtune import training, utils
 from tqdm import tqdm
 
 from distillm_tune.data._rows import DataStats
-from distillm_tune.data.instruction import SPLITS, load_dolly_rows, split_rows
+from distillm_tune.data.instruction import SPLITS, TEMPLATES, encode_prompt, load_dolly_rows, split_rows
 from distillm_tune.models.hf import load_hf, load_hf_tokenizer
+from distillm_tune.models.tokenizer import cut_at_stop, stop_ids
 from distillm_tune.sgo.sampler import generate_responses
 
 log = logging.getLogger("distillm_tune.generate_seqkd")
@@ -50,7 +51,7 @@ def generate_seqkd(model_dir: str, data: str, out: str, batch_size: int = 16,
                    max_prompt_len: int = 256, max_seq_len: int = 512, temperature: float = 1.0,
                    top_p: float = 1.0, seed: int = 1, split: str = "all", valid_size: int = 500,
                    test_size: int = 500, split_seed: int = 1, dtype: str = "fp32",
-                   device: Optional[str] = None) -> DataStats:
+                   device: Optional[str] = None, template: str = "paper") -> DataStats:
     """Write ``out`` (rules: module docstring); returns the counts (``kept``, ``skipped_*``)."""
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"--model-dir {model_dir!r} does not exist")
@@ -62,6 +63,8 @@ def generate_seqkd(model_dir: str, data: str, out: str, batch_size: int = 16,
         raise ValueError(f"--split must be one of {SPLITS}, got {split!r}")
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    if template not in TEMPLATES:
+        raise ValueError(f"--template must be one of {TEMPLATES}, got {template!r}")
 
     examples, stats = load_dolly_rows(data)
     if split != "all":
@@ -76,13 +79,13 @@ def generate_seqkd(model_dir: str, data: str, out: str, batch_size: int = 16,
 
     kept = []
     for ex in examples:
-        ids = tokenizer.encode(ex.prompt, add_bos=True, add_eos=False)
+        ids = encode_prompt(tokenizer, ex.instruction, ex.input, template)  # as the training data
         if len(ids) > max_prompt_len:
             stats.add("skipped_long_prompt")
         else:
             kept.append((ex, ids))
     generator = torch.Generator(device=torch_device).manual_seed(seed)
-    eos = tokenizer.eos_id
+    stops = stop_ids(tokenizer)
     rows: List[Dict[str, str]] = []
     for start in tqdm(range(0, len(kept), batch_size), desc="seqkd", file=sys.stderr):
         batch = kept[start : start + batch_size]
@@ -90,12 +93,12 @@ def generate_seqkd(model_dir: str, data: str, out: str, batch_size: int = 16,
             # one token short of the budget: the training dataset appends EOS to a response
             # that ran to the limit, and it must still fit in max_seq_len
             model, [ids for _, ids in batch], max_new_tokens=max_seq_len - max_prompt_len - 1,
-            eos_ids=[eos], pad_id=tokenizer.pad_id, temperature=temperature, top_p=top_p,
+            eos_ids=stops, pad_id=tokenizer.pad_id, temperature=temperature, top_p=top_p,
             generator=generator)
         for (ex, _), sample in zip(batch, samples):
             response = sample["response"]
-            if eos in response:
-                response = response[: response.index(eos)]
+            if any(t in stops for t in response):
+                response = cut_at_stop(response, stops)
             else:
                 stats.add("no_eos")
             text = tokenizer.decode(response).strip()
@@ -133,12 +136,14 @@ def main(argv=None) -> None:
     ap.add_argument("--split-seed", type=int, default=1)
     ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    ap.add_argument("--template", default="paper", choices=TEMPLATES,
+                    help="prompt rendering: the paper's template or the checkpoint's chat template")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     stats = generate_seqkd(
         args.model_dir, args.data, args.out, args.batch_size, args.max_prompt_len,
         args.max_seq_len, args.temperature, args.top_p, args.seed, args.split, args.valid_size,
-        args.test_size, args.split_seed, args.dtype, args.device)
+        args.test_size, args.split_seed, args.dtype, args.device, args.template)
     print(f"wrote {stats.kept} rows to {args.out} ({stats.summary()})")
 
 

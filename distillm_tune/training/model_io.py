@@ -15,6 +15,7 @@ from torchtune.modules import TiedLinear, TransformerSelfAttentionLayer
 from distillm_tune.data.collate import collate_prompt_response
 from distillm_tune.data.seq2seq import collate_seq2seq
 from distillm_tune.models.t5 import T5DecoderLayer, generate_seq2seq
+from distillm_tune.models.tokenizer import stop_ids
 from distillm_tune.sgo import generate_responses
 
 Sample = Dict[str, List[int]]
@@ -76,7 +77,7 @@ class CausalLMIO:
         try:
             return generate_responses(
                 model, [s["prompt"] for s in samples], max_new_tokens=max_new_tokens,
-                eos_ids=[self.tokenizer.eos_id], pad_id=self.tokenizer.pad_id, temperature=temperature,
+                eos_ids=stop_ids(self.tokenizer), pad_id=self.tokenizer.pad_id, temperature=temperature,
                 top_p=top_p, top_k=top_k, generator=generator, cache_dtype=dtype, device=device,
             )
         finally:
@@ -87,6 +88,10 @@ def output_projection(model: nn.Module):
     """``(weight [V, H], bias or None)`` of a decoder's output layer: its own ``nn.Linear`` or the
     token embedding it is tied to (GPT-2, OPT)."""
     out = model.output
+    if getattr(out, "softcap", None) is not None:  # models.native.SoftCappedTiedLinear (Gemma 2)
+        raise ValueError("the model's logits are soft-capped (config.json final_logit_softcapping): "
+                         "a fused loss over hidden states and the head weight would skip the capping; "
+                         "unset fused_loss_chunk_size")
     if isinstance(out, TiedLinear):
         return out.tied_module.weight, None
     if isinstance(out, nn.Linear):

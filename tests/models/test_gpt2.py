@@ -10,7 +10,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
 from distillm_tune.models import LoRASettings, family_for
-from distillm_tune.models.gpt2 import FAMILY, gpt2_base, gpt2_medium, gpt2_large, gpt2_xl, lora_gpt2_base
+from distillm_tune.models.gpt2 import FAMILY
 
 from decoder_parity import DecoderPort, byte_level_bpe, tokenizer_texts  # this folder: pytest puts it on sys.path
 
@@ -44,9 +44,11 @@ def tune_model(config, saved_dir):
 
 def test_registry_and_sizes():
     assert family_for("gpt2") is FAMILY
+    sizes = [(12, 768, 12), (24, 1024, 16), (36, 1280, 20), (48, 1600, 25)]  # the hub config.json values
     with torch.device("meta"):
-        counts = [sum(p.numel() for p in f().parameters()) for f in (gpt2_base, gpt2_medium, gpt2_large, gpt2_xl)]
-        lora_gpt2_base(["q_proj", "v_proj"])
+        counts = [sum(p.numel() for p in FAMILY.build(GPT2Config(n_layer=n, n_embd=d, n_head=h).to_dict()).parameters())
+                  for n, d, h in sizes]
+        FAMILY.build(GPT2Config().to_dict(), LoRASettings(("q_proj", "v_proj")))
     # transformers' parameter counts for gpt2 / -medium / -large / -xl (tied head counted once)
     assert counts == [124439808, 354823168, 774030080, 1557611200]
 
@@ -95,7 +97,7 @@ def test_lora_merge_and_peft_export(config, saved_dir, lora, tmp_path):
 def test_lora_rejects_tied_output():
     with pytest.raises(ValueError, match="apply_lora_to_output"):
         with torch.device("meta"):
-            lora_gpt2_base(["q_proj"], apply_lora_to_output=True)
+            FAMILY.build(GPT2Config().to_dict(), LoRASettings(("q_proj",), apply_lora_to_output=True))
 
 
 def test_mismatched_config_names_key_and_shapes(config, hf_model):

@@ -10,6 +10,7 @@ import shutil
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
+import safetensors.torch
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -251,7 +252,7 @@ def test_interrupted_save_keeps_previous_checkpoint(source, tmp_path, monkeypatc
     model = load_hf(src)
     save_hf(model, out, src, max_shard_size="20KB")
     digest = dir_digest(out)
-    real_save, calls = hf.save_safetensors, []
+    real_save, calls = safetensors.torch.save_file, []
 
     def failing_save(*args, **kwargs):  # write some shards, then die mid-checkpoint
         calls.append(1)
@@ -259,14 +260,14 @@ def test_interrupted_save_keeps_previous_checkpoint(source, tmp_path, monkeypatc
             raise RuntimeError("disk full (simulated)")
         return real_save(*args, **kwargs)
 
-    monkeypatch.setattr(hf, "save_safetensors", failing_save)
+    monkeypatch.setattr(safetensors.torch, "save_file", failing_save)  # what huggingface_hub calls
     with torch.no_grad():
         model.tok_embeddings.weight.add_(1.0)
     with pytest.raises(RuntimeError, match="simulated"):
         save_hf(model, out, src, max_shard_size="20KB")
     assert dir_digest(out) == digest
     assert os.listdir(tmp_path) == ["out"]  # temporary directory cleaned up
-    monkeypatch.setattr(hf, "save_safetensors", real_save)
+    monkeypatch.setattr(safetensors.torch, "save_file", real_save)
     save_hf(model, out, src)  # a completed save does replace it
     assert dir_digest(out) != digest and os.listdir(tmp_path) == ["out"]
 

@@ -1,5 +1,7 @@
-"""OpenLLaMA (plain Llama) port: builders, parity with transformers' LlamaForCausalLM, KV-cached
-decoding, weight conversion and the SentencePiece tokenizer. Everything tiny and offline."""
+"""Llama through torchtune's own builders (models/native.py) on OpenLLaMA-style checkpoints:
+sizes, config refusals, parity with transformers' LlamaForCausalLM, KV-cached decoding, weight
+conversion key forms and the SentencePiece tokenizer. Everything tiny and offline. The other
+families and Llama 3's rope scaling / tied heads: test_native.py."""
 
 import io
 import json
@@ -15,13 +17,9 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from distillm_tune.models import LoRASettings, family_for
 from distillm_tune.models.hf import load_hf, load_hf_tokenizer
-from distillm_tune.models.llama import (
-    build_llama,
-    hf_to_tune,
-    open_llama_3b_v2,
-    open_llama_7b_v2,
-    tune_to_hf,
-)
+
+LLAMA = family_for("llama")
+build_llama, hf_to_tune, tune_to_hf = LLAMA.build, LLAMA.hf_to_tune, LLAMA.tune_to_hf
 
 ATOL = 1e-5
 
@@ -93,14 +91,11 @@ def _llama_param_count(layers, dim, ffn, vocab=32000):
     return 2 * vocab * dim + layers * (4 * dim * dim + 3 * dim * ffn + 2 * dim) + dim
 
 
-@pytest.mark.parametrize(
-    "builder,layers,dim,ffn",
-    [(open_llama_3b_v2, 26, 3200, 8640), (open_llama_7b_v2, 32, 4096, 11008)],
-)
-def test_open_llama_builders(builder, layers, dim, ffn):
+@pytest.mark.parametrize("layers,dim,ffn", [(26, 3200, 8640), (32, 4096, 11008)], ids=["3b_v2", "7b_v2"])
+def test_open_llama_sizes(layers, dim, ffn):
+    """OpenLLaMA v2's config.json values (no num_key_value_heads key, norm eps 1e-6)."""
     with torch.device("meta"):
-        model = builder()
-        from_config = build_llama(dict(
+        model = build_llama(dict(
             num_hidden_layers=layers, hidden_size=dim, num_attention_heads=32,
             intermediate_size=ffn, vocab_size=32000, rms_norm_eps=1e-6,
             max_position_embeddings=2048, model_type="llama",
@@ -110,16 +105,18 @@ def test_open_llama_builders(builder, layers, dim, ffn):
     assert len(model.layers) == layers and model.max_seq_len == 2048
     assert model.norm.eps == 1e-6 and model.layers[0].sa_norm.eps == 1e-6
     assert model.layers[0].attn.head_dim == dim // 32
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    assert shapes == {k: tuple(v.shape) for k, v in from_config.state_dict().items()}
 
 
 def test_config_refusals():
     base = tiny_llama_config().to_dict()
     for bad, needle in [
-        (dict(tie_word_embeddings=True), "tie_word_embeddings"),
         (dict(attention_bias=True), "attention_bias"),
-        (dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}), "RoPE"),
+        (dict(mlp_bias=True), "mlp_bias"),
+        (dict(hidden_act="gelu"), "hidden_act"),
+        (dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}), "rope_type"),
+        (dict(rope_parameters={"rope_type": "llama3", "factor": 8.0, "rope_theta": 1e4, "low_freq_factor": 2.0,
+                               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+         "rope_parameters.low_freq_factor"),
         (dict(head_dim=32), "head_dim"),
     ]:
         with pytest.raises(ValueError, match=needle):
@@ -163,7 +160,7 @@ def test_kv_cached_decode_equals_full_forward(hf_llama):
 
 
 def test_lora_build_keeps_rope_theta(tmp_path):
-    """lora_llama2 takes no rope base; the family must still honour rope_theta."""
+    """The LoRA builder must honour rope_theta too (torchtune's lora_llama2 hard-codes it)."""
     hf_model = make_hf_llama(tmp_path, tiny_llama_config(num_kv_heads=2, rope_theta=500000.0))
     lora = LoRASettings(lora_attn_modules=("q_proj", "k_proj", "v_proj", "output_proj"),
                         apply_lora_to_mlp=True, apply_lora_to_output=True, lora_rank=4)

@@ -13,7 +13,7 @@ from transformers import GPT2Tokenizer, OPTConfig, OPTForCausalLM
 
 from distillm_tune.models import LoRASettings, family_for
 from distillm_tune.models.modules import PostNormSelfAttentionLayer
-from distillm_tune.models.opt import FAMILY, lora_opt_125m, opt_125m, opt_1_3b, opt_2_7b, opt_350m
+from distillm_tune.models.opt import FAMILY
 
 from decoder_parity import DecoderPort, byte_level_bpe, tokenizer_texts  # this folder: pytest puts it on sys.path
 
@@ -51,11 +51,18 @@ def tune_model(config, saved_dir):
 
 def test_registry_sizes_and_real_vocab():
     assert family_for("opt") is FAMILY
+    # the hub config.json values: layers, dim, heads, ffn, word_embed_proj_dim, pre-LN
+    sizes = [(12, 768, 12, 3072, 768, True), (24, 1024, 16, 4096, 512, False), (24, 2048, 32, 8192, 2048, True),
+             (32, 2560, 32, 10240, 2560, True)]
+    configs = [OPTConfig(num_hidden_layers=n, hidden_size=d, num_attention_heads=h, ffn_dim=f, word_embed_proj_dim=w,
+                         do_layer_norm_before=pre, vocab_size=50272, max_position_embeddings=2048).to_dict()
+               for n, d, h, f, w, pre in sizes]
     with torch.device("meta"):
-        counts = [sum(p.numel() for p in f().parameters()) for f in (opt_125m, opt_350m, opt_1_3b, opt_2_7b)]
-        assert isinstance(opt_350m().layers[0], PostNormSelfAttentionLayer)
-        assert opt_2_7b().head_dim == 80
-        lora_opt_125m(["q_proj", "v_proj"], apply_lora_to_mlp=True)
+        models = [FAMILY.build(c) for c in configs]
+        counts = [sum(p.numel() for p in m.parameters()) for m in models]
+        assert isinstance(models[1].layers[0], PostNormSelfAttentionLayer)
+        assert models[3].head_dim == 80
+        FAMILY.build(configs[0], LoRASettings(("q_proj", "v_proj"), apply_lora_to_mlp=True))
     # transformers' parameter counts for facebook/opt-125m / -350m / -1.3b / -2.7b (tied head once)
     assert counts == [125239296, 331196416, 1315758080, 2651596800]
     assert FAMILY.real_vocab_size({"vocab_size": 50272}) == 50265
@@ -104,7 +111,7 @@ def test_lora_merge_and_peft_export(config, saved_dir, tmp_path):
 def test_lora_rejects_tied_output():
     with pytest.raises(ValueError, match="apply_lora_to_output"):
         with torch.device("meta"):
-            lora_opt_125m(["q_proj"], apply_lora_to_output=True)
+            FAMILY.build(OPTConfig().to_dict(), LoRASettings(("q_proj",), apply_lora_to_output=True))
 
 
 def test_mismatched_config_names_key_and_shapes(config, hf_model):

@@ -270,18 +270,17 @@ def test_bad_configs_raise_value_error(tmp_path):
 
 
 @pytest.mark.parametrize("family", ["t5", "mt5"])
-def test_named_sizes_match_transformers_shapes(family):
+def test_paper_sizes_match_transformers_shapes(family):
     config_cls, model_cls = KINDS["t5_v1_1" if family == "t5" else "mt5"][:2]
     sizes = {"small": (8, 512, 6, 1024), "base": (12, 768, 12, 2048), "large": (24, 1024, 16, 2816),
              "xl": (24, 2048, 32, 5120)}
-    prefix = "t5_v1_1" if family == "t5" else "mt5"
     for size, (layers, d, heads, d_ff) in sizes.items():
         config = config_cls(vocab_size=32128 if family == "t5" else 250112, d_model=d, d_kv=64, d_ff=d_ff,
                             num_layers=layers, num_heads=heads, feed_forward_proj="gated-gelu",
                             tie_word_embeddings=False).to_dict()
         with torch.device("meta"):
-            ours = getattr(t5_port, f"{prefix}_{size}")().state_dict()
-            lora = getattr(t5_port, f"lora_{prefix}_{size}")(["q_proj", "v_proj"], lora_rank=8).state_dict()
+            ours = t5_port.build(config).state_dict()
+            lora = t5_port.build(config, LoRASettings(("q_proj", "v_proj"), lora_rank=8)).state_dict()
             hf = model_cls(config_cls(**config)).state_dict() if size in ("small", "xl") else None
         expected = {t: s for _, (t, s) in t5_port.key_map(config).items()}
         assert {k: tuple(v.shape) for k, v in ours.items()} == expected, size

@@ -198,3 +198,25 @@ def test_t5_translation_greedy_bleu(tmp_path):
                     break
                 out.append(nxt)
         assert g["generation"] == tok.decode(out).strip()
+
+
+def test_greedy_decoding_of_instruction_sets_and_skipped_bad_rows(small_assets, tmp_path):
+    """``decoding: greedy``: one temperature-0 run of an instruction set, the same at any batch size;
+    ``on_bad_row: skip``: a row with an empty reference is left out (counted), where the default
+    stops with its file and line."""
+    rows = [json.loads(line) for line in open(os.path.join(small_assets, "data", "test.jsonl"))][:4]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows[:2] + [{**rows[2], "response": ""}] + rows[3:]))
+    datasets = [{"name": "dolly", "path": str(data), "kind": "instruction"}]
+    with pytest.raises(ValueError, match="rows.jsonl:3"):
+        _run_in_process(small_assets, tmp_path / "strict", datasets=datasets)
+    results, gens = _run_in_process(small_assets, tmp_path / "greedy", datasets=datasets, decoding="greedy",
+                                    on_bad_row="skip")
+    res = results["datasets"]["dolly"]
+    assert (res["decoding"], list(res["metrics"]["rougeL"]["per_seed"])) == ("greedy", ["greedy"])
+    assert [g["seed"] for g in gens] == [None] * 3
+    again, _ = _run_in_process(small_assets, tmp_path / "again", datasets=datasets, decoding="greedy",
+                               on_bad_row="skip", batch_size=1)
+    assert again["datasets"]["dolly"]["metrics"] == res["metrics"]  # greedy: no seed, batch-independent
+    with pytest.raises(ValueError, match="decoding"):
+        _run_in_process(small_assets, tmp_path / "bad", datasets=datasets, decoding="beam")

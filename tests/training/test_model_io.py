@@ -1,10 +1,14 @@
 """CausalLMIO.forward_hidden: the hidden states and output projection it returns give back the
 model's own logits, for a tied head (GPT-2), a tied head behind project_out (OPT-350m style) and an
-untied head (Llama); linear_cross_entropy_sum_and_count equals CE over those logits."""
+untied head (Llama), tied heads of torchtune's own families (Llama 3.2, Qwen2, Gemma's scaled
+embeddings); linear_cross_entropy_sum_and_count equals CE over those logits. Gemma 2's soft-capped
+head is refused by the fused path."""
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+from transformers import (GemmaConfig, GemmaForCausalLM, Gemma2Config, Gemma2ForCausalLM, GPT2Config,
+                          GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM)
 
 from distillm_tune.losses.cross_entropy import cross_entropy_sum_and_count, linear_cross_entropy_sum_and_count
 from distillm_tune.models import load_hf
@@ -20,6 +24,15 @@ MODELS = {
     "llama_untied": lambda: LlamaForCausalLM(LlamaConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=False)),
+    "llama_tied": lambda: LlamaForCausalLM(LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=True)),
+    "qwen2_tied": lambda: Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=True)),
+    "gemma_tied": lambda: GemmaForCausalLM(GemmaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=8, max_position_embeddings=32)),
 }
 
 
@@ -44,3 +57,12 @@ def test_hidden_states_and_head_give_the_models_logits(name, tmp_path):
     assert int(m) == int(n) == 23
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert output_projection(model)[0] is weight
+
+
+def test_fused_path_refuses_soft_capped_head(tmp_path):
+    torch.manual_seed(0)
+    Gemma2ForCausalLM(Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                   max_position_embeddings=32)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        output_projection(load_hf(str(tmp_path)))

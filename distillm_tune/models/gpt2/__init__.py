@@ -3,17 +3,7 @@
 from distillm_tune.models._registry import ModelFamily, register
 from distillm_tune.models.gpt2._component_builders import gpt2, lora_gpt2
 from distillm_tune.models.gpt2._convert_weights import hf_to_tune, lora_to_peft, tune_to_hf
-from distillm_tune.models.gpt2._model_builders import (
-    gpt2_base,
-    gpt2_from_hf_config,
-    gpt2_large,
-    gpt2_medium,
-    gpt2_xl,
-    lora_gpt2_base,
-    lora_gpt2_large,
-    lora_gpt2_medium,
-    lora_gpt2_xl,
-)
+from distillm_tune.models.gpt2._model_builders import gpt2_from_hf_config
 from distillm_tune.models.gpt2._tokenizer import GPT2Tokenizer, gpt2_tokenizer
 
 FAMILY = register(
@@ -29,7 +19,6 @@ FAMILY = register(
 )
 
 __all__ = [
-    "FAMILY", "GPT2Tokenizer", "gpt2", "gpt2_base", "gpt2_from_hf_config", "gpt2_large",
-    "gpt2_medium", "gpt2_tokenizer", "gpt2_xl", "hf_to_tune", "lora_gpt2", "lora_gpt2_base",
-    "lora_gpt2_large", "lora_gpt2_medium", "lora_gpt2_xl", "lora_to_peft", "tune_to_hf",
+    "FAMILY", "GPT2Tokenizer", "gpt2", "gpt2_from_hf_config", "gpt2_tokenizer", "hf_to_tune", "lora_gpt2",
+    "lora_to_peft", "tune_to_hf",
 ]

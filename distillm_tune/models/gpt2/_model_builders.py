@@ -1,69 +1,10 @@
-"""GPT-2 sizes of the paper, and the builder the registry uses for any HF ``config.json``."""
+"""The GPT-2 builder the registry uses for any HF ``config.json`` (the paper's sizes are those configs)."""
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 from distillm_tune.models._registry import LoRASettings
-from distillm_tune.models.gpt2._component_builders import _gpt2, gpt2, lora_gpt2
+from distillm_tune.models.gpt2._component_builders import _gpt2
 from distillm_tune.models.modules import LearnedPositionDecoder
-
-# name: (layers, dim, heads); vocab 50257, 1024 positions, head_dim 64 for all.
-_SIZES = {"base": (12, 768, 12), "medium": (24, 1024, 16), "large": (36, 1280, 20), "xl": (48, 1600, 25)}
-
-
-def _size(name: str) -> Dict[str, int]:
-    layers, dim, heads = _SIZES[name]
-    return dict(vocab_size=50257, num_layers=layers, num_heads=heads, embed_dim=dim, max_seq_len=1024)
-
-
-def gpt2_base() -> LearnedPositionDecoder:
-    return gpt2(**_size("base"))
-
-
-def gpt2_medium() -> LearnedPositionDecoder:
-    return gpt2(**_size("medium"))
-
-
-def gpt2_large() -> LearnedPositionDecoder:
-    return gpt2(**_size("large"))
-
-
-def gpt2_xl() -> LearnedPositionDecoder:
-    return gpt2(**_size("xl"))
-
-
-def _lora(name, lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, lora_rank, lora_alpha,
-          lora_dropout):
-    return lora_gpt2(lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, lora_rank=lora_rank,
-                     lora_alpha=lora_alpha, lora_dropout=lora_dropout, **_size(name))
-
-
-def lora_gpt2_base(lora_attn_modules: List[str], apply_lora_to_mlp: bool = False,
-                   apply_lora_to_output: bool = False, lora_rank: int = 8, lora_alpha: float = 16,
-                   lora_dropout: float = 0.0) -> LearnedPositionDecoder:
-    return _lora("base", lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, lora_rank,
-                 lora_alpha, lora_dropout)
-
-
-def lora_gpt2_medium(lora_attn_modules: List[str], apply_lora_to_mlp: bool = False,
-                     apply_lora_to_output: bool = False, lora_rank: int = 8, lora_alpha: float = 16,
-                     lora_dropout: float = 0.0) -> LearnedPositionDecoder:
-    return _lora("medium", lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, lora_rank,
-                 lora_alpha, lora_dropout)
-
-
-def lora_gpt2_large(lora_attn_modules: List[str], apply_lora_to_mlp: bool = False,
-                    apply_lora_to_output: bool = False, lora_rank: int = 8, lora_alpha: float = 16,
-                    lora_dropout: float = 0.0) -> LearnedPositionDecoder:
-    return _lora("large", lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, lora_rank,
-                 lora_alpha, lora_dropout)
-
-
-def lora_gpt2_xl(lora_attn_modules: List[str], apply_lora_to_mlp: bool = False,
-                 apply_lora_to_output: bool = False, lora_rank: int = 8, lora_alpha: float = 16,
-                 lora_dropout: float = 0.0) -> LearnedPositionDecoder:
-    return _lora("xl", lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, lora_rank,
-                 lora_alpha, lora_dropout)
-
 
 def gpt2_from_hf_config(config: Dict[str, Any], lora: Optional[LoRASettings] = None) -> LearnedPositionDecoder:
     """Build from an HF GPT-2 ``config.json`` dict (the registry's ``build``).

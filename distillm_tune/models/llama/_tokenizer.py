@@ -47,14 +47,3 @@ class OpenLlamaTokenizer:
     def decode(self, ids: List[int]) -> str:
         """Text of ``ids``; BOS/EOS/pad-as-unk are control pieces and decode to nothing."""
         return self._spm.decode([int(i) for i in ids if int(i) != self.pad_id])
-
-
-def load_tokenizer(checkpoint_dir: str, max_seq_len: Optional[int] = None) -> OpenLlamaTokenizer:
-    """Registry ``load_tokenizer``: ``<checkpoint_dir>/tokenizer.model``."""
-    path = os.path.join(str(checkpoint_dir), TOKENIZER_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"no {TOKENIZER_FILE} in {checkpoint_dir!r}; a Llama checkpoint needs its "
-            "SentencePiece model"
-        )
-    return OpenLlamaTokenizer(path, max_seq_len=max_seq_len)

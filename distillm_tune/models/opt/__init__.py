@@ -3,18 +3,7 @@
 from distillm_tune.models._registry import ModelFamily, register
 from distillm_tune.models.opt._component_builders import lora_opt, opt
 from distillm_tune.models.opt._convert_weights import hf_to_tune, lora_to_peft, tune_to_hf
-from distillm_tune.models.opt._model_builders import (
-    lora_opt_125m,
-    lora_opt_1_3b,
-    lora_opt_2_7b,
-    lora_opt_350m,
-    opt_125m,
-    opt_1_3b,
-    opt_2_7b,
-    opt_350m,
-    opt_from_hf_config,
-    opt_real_vocab_size,
-)
+from distillm_tune.models.opt._model_builders import opt_from_hf_config, opt_real_vocab_size
 from distillm_tune.models.opt._tokenizer import OPTTokenizer, opt_tokenizer
 
 FAMILY = register(
@@ -31,7 +20,6 @@ FAMILY = register(
 )
 
 __all__ = [
-    "FAMILY", "OPTTokenizer", "hf_to_tune", "lora_opt", "lora_opt_125m", "lora_opt_1_3b",
-    "lora_opt_2_7b", "lora_opt_350m", "lora_to_peft", "opt", "opt_125m", "opt_1_3b", "opt_2_7b",
-    "opt_350m", "opt_from_hf_config", "opt_real_vocab_size", "opt_tokenizer", "tune_to_hf",
+    "FAMILY", "OPTTokenizer", "hf_to_tune", "lora_opt", "lora_to_peft", "opt", "opt_from_hf_config",
+    "opt_real_vocab_size", "opt_tokenizer", "tune_to_hf",
 ]

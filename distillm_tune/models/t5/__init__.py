@@ -13,30 +13,10 @@ from distillm_tune.models.t5._model import (
     T5EncoderDecoder,
     generate_seq2seq,
 )
-from distillm_tune.models.t5._model_builders import (
-    build,
-    lora_mt5_base,
-    lora_mt5_large,
-    lora_mt5_small,
-    lora_mt5_xl,
-    lora_t5_v1_1_base,
-    lora_t5_v1_1_large,
-    lora_t5_v1_1_small,
-    lora_t5_v1_1_xl,
-    mt5_base,
-    mt5_large,
-    mt5_small,
-    mt5_xl,
-    real_vocab_size,
-    t5_kwargs_from_hf_config,
-    t5_v1_1_base,
-    t5_v1_1_large,
-    t5_v1_1_small,
-    t5_v1_1_xl,
-)
+from distillm_tune.models.t5._model_builders import build, real_vocab_size, t5_kwargs_from_hf_config
 from distillm_tune.models.t5._tokenizer import T5Tokenizer, load_t5_tokenizer
 
-T5_FAMILY = register(
+FAMILY = register(
     ModelFamily(
         name="t5",
         model_types=("t5", "mt5"),
@@ -51,10 +31,7 @@ T5_FAMILY = register(
 )
 
 __all__ = [
-    "T5Attention", "T5DecoderLayer", "T5EncoderDecoder", "T5Tokenizer", "T5_FAMILY", "build",
+    "FAMILY", "T5Attention", "T5DecoderLayer", "T5EncoderDecoder", "T5Tokenizer", "build",
     "generate_seq2seq", "hf_to_tune", "key_map", "load_t5_tokenizer", "lora_t5", "lora_to_peft",
     "real_vocab_size", "t5", "t5_kwargs_from_hf_config", "tune_to_hf",
-    "lora_mt5_base", "lora_mt5_large", "lora_mt5_small", "lora_mt5_xl", "lora_t5_v1_1_base",
-    "lora_t5_v1_1_large", "lora_t5_v1_1_small", "lora_t5_v1_1_xl", "mt5_base", "mt5_large",
-    "mt5_small", "mt5_xl", "t5_v1_1_base", "t5_v1_1_large", "t5_v1_1_small", "t5_v1_1_xl",
 ]

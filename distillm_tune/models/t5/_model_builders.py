@@ -1,91 +1,17 @@
-"""Named T5 v1.1 / mT5 sizes, their LoRA variants, and ``build`` from an HF ``config.json``.
+"""``build`` from an HF T5 / mT5 ``config.json`` (the paper's sizes are those configs).
 
-Sizes (layers per stack x d_model x heads, d_ff; d_kv 64): small 8x512x6 (1024), base 12x768x12
-(2048), large 24x1024x16 (2816), xl 24x2048x32 (5120). Vocab: 32128 (T5), 250112 (mT5) embedding
-rows for 32100 / 250100 real tokens.
+Vocab: 32128 (T5), 250112 (mT5) embedding rows for 32100 / 250100 real tokens.
 """
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 from distillm_tune.models._registry import LoRASettings
 from distillm_tune.models.t5._component_builders import lora_t5, t5
 from distillm_tune.models.t5._model import T5EncoderDecoder
 
-_SIZES = {
-    "small": dict(num_layers=8, d_model=512, num_heads=6, d_ff=1024),
-    "base": dict(num_layers=12, d_model=768, num_heads=12, d_ff=2048),
-    "large": dict(num_layers=24, d_model=1024, num_heads=16, d_ff=2816),
-    "xl": dict(num_layers=24, d_model=2048, num_heads=32, d_ff=5120),
-}
-_VOCAB = {"t5": 32128, "mt5": 250112}
 # Embedding rows -> ids the SentencePiece model + 100 sentinels really use.
 _REAL_VOCAB = {32128: 32100, 250112: 250100}
 
-
-def _kwargs(family: str, size: str) -> Dict[str, Any]:
-    return dict(_SIZES[size], d_kv=64, vocab_size=_VOCAB[family])
-
-
-def _lora(family, size, lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, lora_rank,
-          lora_alpha, lora_dropout):
-    return lora_t5(**_kwargs(family, size), lora_attn_modules=lora_attn_modules,
-                   apply_lora_to_mlp=apply_lora_to_mlp, apply_lora_to_output=apply_lora_to_output,
-                   lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
-
-
-def t5_v1_1_small() -> T5EncoderDecoder:
-    return t5(**_kwargs("t5", "small"))
-
-
-def t5_v1_1_base() -> T5EncoderDecoder:
-    return t5(**_kwargs("t5", "base"))
-
-
-def t5_v1_1_large() -> T5EncoderDecoder:
-    return t5(**_kwargs("t5", "large"))
-
-
-def t5_v1_1_xl() -> T5EncoderDecoder:
-    return t5(**_kwargs("t5", "xl"))
-
-
-def mt5_small() -> T5EncoderDecoder:
-    return t5(**_kwargs("mt5", "small"))
-
-
-def mt5_base() -> T5EncoderDecoder:
-    return t5(**_kwargs("mt5", "base"))
-
-
-def mt5_large() -> T5EncoderDecoder:
-    return t5(**_kwargs("mt5", "large"))
-
-
-def mt5_xl() -> T5EncoderDecoder:
-    return t5(**_kwargs("mt5", "xl"))
-
-
-def _lora_builder(family: str, size: str):
-    def builder(lora_attn_modules: List[str], apply_lora_to_mlp: bool = False,
-                apply_lora_to_output: bool = False, lora_rank: int = 8, lora_alpha: float = 16.0,
-                lora_dropout: float = 0.0) -> T5EncoderDecoder:
-        return _lora(family, size, lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output,
-                     lora_rank, lora_alpha, lora_dropout)
-
-    name = f"lora_{'t5_v1_1' if family == 't5' else 'mt5'}_{size}"
-    builder.__name__ = builder.__qualname__ = name
-    builder.__doc__ = f"{name[5:]} with LoRA on the named projections of every self/cross attention."
-    return builder
-
-
-lora_t5_v1_1_small = _lora_builder("t5", "small")
-lora_t5_v1_1_base = _lora_builder("t5", "base")
-lora_t5_v1_1_large = _lora_builder("t5", "large")
-lora_t5_v1_1_xl = _lora_builder("t5", "xl")
-lora_mt5_small = _lora_builder("mt5", "small")
-lora_mt5_base = _lora_builder("mt5", "base")
-lora_mt5_large = _lora_builder("mt5", "large")
-lora_mt5_xl = _lora_builder("mt5", "xl")
 
 _REQUIRED = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads")
 
