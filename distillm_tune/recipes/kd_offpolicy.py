@@ -378,7 +378,8 @@ class KDOffPolicyRecipe:
         student_tok = self.tokenizer
 
         def special(tok):
-            return {k: getattr(tok, k, None) for k in ("vocab_size", "bos_id", "eos_id", "pad_id")}
+            ids = {k: getattr(tok, k, None) for k in ("vocab_size", "bos_id", "eos_id", "pad_id")}
+            return {**ids, "stop_ids": stop_ids(tok)}
 
         problem = None
         if special(student_tok) != special(teacher_tok):
