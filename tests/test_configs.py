@@ -17,7 +17,6 @@ models are ``slow``.
 import glob
 import json
 import os
-import shlex
 import shutil
 import subprocess
 import sys

@@ -314,6 +314,14 @@ def _two_process_training(ctx):
     return launcher, _proc_children(launcher.pid)
 
 
+def _kill_all(pids):
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
 def _kill_one_rank(ctx):
     launcher, workers = _two_process_training(ctx)
     try:
@@ -327,11 +335,7 @@ def _kill_one_rank(ctx):
         return launcher.returncode, (f"launcher exited {waited:.0f} s after the kill, {len(others)} worker(s) left; "
                                      + " | ".join(failure[-3:]))
     finally:
-        for pid in workers + [launcher.pid]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
+        _kill_all(workers + [launcher.pid])
 
 
 def _kill_launcher(ctx):
@@ -342,18 +346,14 @@ def _kill_launcher(ctx):
         t0 = time.time()
         while time.time() - t0 < 15 and any(_alive(w) for w in workers):
             time.sleep(0.2)
-        left = [w for w in workers if _alive(w)]
+        left, waited = [w for w in workers if _alive(w)], time.time() - t0
         steps = len(h.read_metrics(ctx.out))
         time.sleep(2)
         still_writing = len(h.read_metrics(ctx.out)) != steps
-        return -9, (f"{len(workers)} workers, {len(left)} alive {time.time() - t0:.0f} s after the launcher was killed; "
+        return -9, (f"{len(workers)} workers, {len(left)} alive {waited:.0f} s after the launcher was killed; "
                     f"output dir {'still written' if still_writing else 'no longer written'}")
     finally:
-        for pid in workers + [launcher.pid]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
+        _kill_all(workers + [launcher.pid])
 
 
 # ---------------------------------------------------------------------------------- probes

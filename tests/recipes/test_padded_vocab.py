@@ -4,7 +4,6 @@ with another tokenizer of the same size is still refused."""
 
 import json
 import os
-import shutil
 
 import pytest
 import torch

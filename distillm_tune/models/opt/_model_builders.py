@@ -1,10 +1,11 @@
 """The OPT builder the registry uses for any HF ``config.json`` (the paper's sizes are those configs)."""
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 from distillm_tune.models._registry import LoRASettings
 from distillm_tune.models.modules import LearnedPositionDecoder
-from distillm_tune.models.opt._component_builders import _opt, lora_opt, opt
+from distillm_tune.models.opt._component_builders import _opt
+
 
 def opt_from_hf_config(config: Dict[str, Any], lora: Optional[LoRASettings] = None) -> LearnedPositionDecoder:
     """Build from an HF OPT ``config.json`` dict (the registry's ``build``).
