@@ -269,6 +269,8 @@ class KDOffPolicyRecipe:
         self.buffer_gen = torch.Generator().manual_seed(self.seed + 2000 + self.rank)
 
         self.metric_logger = config.instantiate(cfg.metric_logger) if self.is_rank_zero else None
+        if self.metric_logger is not None:
+            self.metric_logger.log_config(cfg)  # every torchtune metric logger records the run's config
         self.global_step, self.epoch, self.step_in_epoch = 0, 0, 0
         self.train_time = 0.0
         self.best_rouge = float("-inf")
@@ -608,14 +610,14 @@ class KDOffPolicyRecipe:
             "loss_ce": ce,
             "loss_lm": lm,
             "lr": self.optimizer.param_groups[0]["lr"],
-            "phi": self.scheduler.phi,
-            "lambda_r": self.scheduler.sgo_prob(self.global_step),
-            "buffer_fill": len(self.buffer) / self.buffer.capacity,
             "gen_time_share": gen_time / elapsed,
             "tokens_per_sec": float(n_tokens) / elapsed,
             "step_time": elapsed,
             "epoch": self.epoch,
         }
+        if self.method == "distillm":  # the adaptive scheduler and the replay buffer are DistiLLM's alone
+            metrics.update(phi=self.scheduler.phi, lambda_r=self.scheduler.sgo_prob(self.global_step),
+                           buffer_fill=len(self.buffer) / self.buffer.capacity)
         for s in SOURCES:
             metrics[f"source_{s}"] = sources.count(s) / len(sources)
         metrics["grad_norm"] = float(grad_norm)
@@ -692,7 +694,7 @@ class KDOffPolicyRecipe:
                 if self.metric_logger is not None and (self.global_step % log_every == 0 or "val_loss" in metrics):
                     self.metric_logger.log_dict(metrics, step=self.global_step)
                 pbar.update(1)
-                pbar.set_postfix(loss=f"{metrics['loss']:.4f}", phi=f"{metrics['phi']:.1f}")
+                pbar.set_postfix(loss=f"{metrics['loss']:.4f}", **({"phi": f"{metrics['phi']:.1f}"} if "phi" in metrics else {}))
                 if self.global_step < self.total_steps and save_every and self.global_step % int(save_every) == 0:
                     self.save_checkpoint()
                 if end_of_epoch:

@@ -41,7 +41,14 @@ class JsonlMetricLogger(MetricLoggerInterface):
         self._file.flush()
 
     def log_config(self, config) -> None:
-        pass
+        """The resolved config as ``config.yaml`` beside the metrics (what torchtune's loggers do
+        with theirs), so a run's numbers can always be traced to its settings."""
+        if self._file is None:
+            return
+        from omegaconf import OmegaConf
+
+        OmegaConf.save(OmegaConf.create(OmegaConf.to_container(config, resolve=True)),
+                       os.path.join(os.path.dirname(self.path), "config.yaml"))
 
     def close(self) -> None:
         if self._file is not None:

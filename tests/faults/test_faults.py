@@ -598,11 +598,12 @@ def test_probe(probe, tiny_assets, earlier_run, tmp_path, monkeypatch, caplog):
 
 
 def _assert_nothing_lost(probe, ctx, before, failed):
-    """Every file an earlier run left is byte-identical (metrics.jsonl may grow, a resumed run moves
+    """Every file an earlier run left is byte-identical (metrics.jsonl and config.yaml are logs a resumed
+    run writes again, it moves
     `latest`, one that recovers may rewrite its own newest checkpoint), a failed run exported nothing, and every
     checkpoint left behind verifies against its manifest."""
     after = _hashes(ctx.out) if os.path.isdir(ctx.out) else {}
-    keep = [f for f in before if f != "metrics.jsonl"]
+    keep = [f for f in before if f not in ("metrics.jsonl", "config.yaml")]  # logs a resumed run writes again
     if probe.outcome != "error":  # a run that trained on from the earlier one moves its `latest` pointer
         keep.remove("checkpoints/latest") if "checkpoints/latest" in keep else None
     if probe.outcome == "recovery" and probe.earlier_run:  # the resumed run goes on from the intact checkpoint

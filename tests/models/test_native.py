@@ -31,7 +31,7 @@ from transformers import (
 from distillm_tune.models import LoRASettings, family_for, load_hf, save_hf
 from distillm_tune.models.native import FAMILIES
 
-from decoder_parity import ATOL, DecoderPort, hf_logits, max_diff  # this folder: pytest puts it on sys.path
+from decoder_parity import DecoderPort, hf_logits, max_diff  # this folder: pytest puts it on sys.path
 
 VOCAB = 101
 PAD = 0

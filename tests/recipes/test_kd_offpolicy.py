@@ -76,6 +76,19 @@ def test_seqkd_trains_on_the_given_teacher_outputs(tiny_assets, tmp_path):
     assert all(r["loss"] == r["loss_ce"] for r in rows)
 
 
+def test_metrics_and_config_log_say_what_the_run_did(tiny_assets, tmp_path):
+    """kd logs no DistiLLM scheduler values (phi, lambda_r, buffer fill); distillm does; every
+    run writes its resolved config beside its metrics (the metric logger's log_config)."""
+    from omegaconf import OmegaConf
+
+    recipe, kd = run_recipe(tiny_assets, str(tmp_path / "kd"), "method=kd")
+    _, distillm = run_recipe(tiny_assets, str(tmp_path / "distillm"), "method=distillm", "sgo.phi0=0.5")
+    assert not {"phi", "lambda_r", "buffer_fill"} & set(kd[0])
+    assert distillm[0]["phi"] == 0.5 and "lambda_r" in distillm[0] and "buffer_fill" in distillm[0]
+    logged = OmegaConf.to_container(OmegaConf.load(tmp_path / "kd" / "config.yaml"))
+    assert logged == OmegaConf.to_container(recipe.cfg, resolve=True)
+
+
 def test_overrides_pick_the_divergence(tiny_assets, tmp_path):
     from distillm_tune.recipes.kd_offpolicy import KDOffPolicyRecipe
 
