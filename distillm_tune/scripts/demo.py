@@ -150,8 +150,10 @@ def main(argv=None) -> None:
     t_start = time.perf_counter()
     assets = os.path.join(out, "assets")
     make_tiny_assets(assets)
+    # overwrite=true: running the demo again into the same --out redoes every run from scratch
     common = [f"assets_dir={assets}", f"seed={args.seed}", f"max_steps_per_epoch={args.steps_per_epoch}",
-              "validation.every_n_steps=125", "validation.rouge_examples=48", "validation.max_examples=96"]
+              "validation.every_n_steps=125", "validation.rouge_examples=48", "validation.max_examples=96",
+              "overwrite=true"]
     runs = {}
     runs["teacher (SFT)"] = run("teacher SFT", os.path.join(out, "teacher_sft"), common + [
         "method=sft", f"student.checkpoint_dir={assets}/teacher", f"output_dir={out}/teacher_sft",

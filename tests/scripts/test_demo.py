@@ -62,3 +62,10 @@ def test_demo_end_to_end_short(tmp_path):
     # the distillm student really used student-generated outputs (phi0 = 0.2)
     rows = [json.loads(x) for x in (out / "distillm" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["phi"] == pytest.approx(0.2)
+    # run again into the same folder: every run starts afresh (overwrite=true), nothing is mixed in
+    demo.main(["--out", str(out), "--teacher-epochs", "1", "--student-epochs", "1", "--distil-epochs", "1",
+               "--steps-per-epoch", "4", "--eval-examples", "12", "--eval-seeds", ""])
+    again = json.loads((out / "results.json").read_text())
+    assert [again[n]["steps"] for n in names] == [4, 4, 4, 4]
+    rows = [json.loads(x) for x in (out / "kd" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
