@@ -585,9 +585,11 @@ class KDOffPolicyRecipe:
             (loss * self.world_size).backward()
             sums += torch.stack([div_sum.detach(), ce_sum.detach(), lm_sum.detach()])
         params = [p for p in self.student.parameters() if p.requires_grad]
-        # max_norm=inf measures without clipping (the norm is needed for the non-finite guard)
-        max_norm = float("inf") if self.clip_grad_norm is None else float(self.clip_grad_norm)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm=max_norm)
+        # the norm is needed for the non-finite guard even when nothing is clipped
+        if self.clip_grad_norm is None:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm=float(self.clip_grad_norm))
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
         all_reduce_sum(sums)

@@ -638,11 +638,10 @@ def _row(r):
 
 def test_reliability_table_matches_the_suite():
     """docs/reliability.md is this suite's output: rows, behaviour, exit codes and messages as measured."""
-    if len(RESULTS) != len(PROBES):
-        pytest.skip(f"the table needs every probe; this session ran {len(RESULTS)} of {len(PROBES)}")
-    rows = [RESULTS[p.id] for p in PROBES]
+    rows = [RESULTS[p.id] for p in PROBES if p.id in RESULTS]
     body = "\n".join(_row(r) for r in rows)
     if os.environ.get("RELIABILITY_TABLE"):
+        assert len(rows) == len(PROBES), f"the table needs every probe; this session ran {len(rows)} of {len(PROBES)}"
         with open(os.environ["RELIABILITY_TABLE"], "w") as f:
             f.write(_document(body, len(rows)))
     committed = open(TABLE).read()
@@ -651,7 +650,10 @@ def test_reliability_table_matches_the_suite():
     def stable(line):  # the message excerpt (paths, pids, sizes) and the time vary from run to run
         cells = line.split(" | ")
         return cells[:4] + cells[5:7]
-    assert [stable(x) for x in committed_rows] == [stable(_row(r)) for r in rows], \
+    assert len(committed_rows) == len(PROBES), "docs/reliability.md lacks probes: regenerate it"
+    # the probes this session ran (all of them in CI) must read as the committed table says
+    committed_by_id = {stable(x)[0]: stable(x) for x in committed_rows}
+    assert [committed_by_id.get(stable(_row(r))[0]) for r in rows] == [stable(_row(r)) for r in rows], \
         "docs/reliability.md is stale: regenerate with RELIABILITY_TABLE=docs/reliability.md python -m pytest tests/faults"
 
 
