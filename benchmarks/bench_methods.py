@@ -15,7 +15,7 @@ its mean, and with ``--rounds 2`` or more the methods run in alternating order (
 reversed), so slow drift of the machine's load hits every method alike.
 
 ``distillm`` runs twice. Over a few steps its validation-driven schedule cannot move, so φ stays
-at ``sgo.phi0``: ``phi0=0.2`` is the OpenLLaMA setting (DISTILLM_SPEC §6) and the φ of the CPU
+at ``sgo.scheduler.phi0``: ``phi0=0.2`` is the OpenLLaMA setting (DISTILLM_SPEC §6) and the φ of the CPU
 reproduction's adaptive runs, which start there and never rose (``docs/reproduction.md``); ``phi0=1`` is the most student
 generation the schedule can ask for (every step uses SGO; with λ_R = 1 − t/T the rest replay).
 """
@@ -33,8 +33,8 @@ RUNS = [
     ("kd", ["method=kd"]),
     ("imitkd", ["method=imitkd"]),
     ("gkd", ["method=gkd"]),
-    ("distillm (phi0=0.2)", ["method=distillm", "sgo.phi0=0.2"]),
-    ("distillm (phi0=1)", ["method=distillm", "sgo.phi0=1.0"]),
+    ("distillm (phi0=0.2)", ["method=distillm", "sgo.scheduler.phi0=0.2"]),
+    ("distillm (phi0=1)", ["method=distillm", "sgo.scheduler.phi0=1.0"]),
 ]
 
 

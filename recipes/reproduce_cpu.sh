@@ -39,7 +39,7 @@
 #                    epochs of every distillation run (default 125, 10); validation after each epoch
 #   JSD_BETA         beta of the jsd run, Eq. 4 convention m = beta p + (1 - beta) q (default 0.1:
 #                    what produced the paper's JSD numbers, DISTILLM_SPEC §1)
-#   PHI0, TOLERANCE  sgo.phi0 / sgo.tolerance of srkl_adaptive and distillm (default 0.2, 0.1). The
+#   PHI0, TOLERANCE  sgo.scheduler.phi0 / sgo.scheduler.tolerance of srkl_adaptive and distillm (default 0.2, 0.1). The
 #                    paper's GPT-2 setting is PHI0=0, but then phi never rises here (the students'
 #                    validation loss only falls), no step generates and both adaptive runs are
 #                    fixed-data SRKL; 0.2 is the OpenLLaMA setting of DISTILLM_SPEC §6

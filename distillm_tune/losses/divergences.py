@@ -111,6 +111,11 @@ class Divergence(nn.Module):
         grad = _math.logit_grad(log_q, qg, self.temperature) if need_grad else None
         return value.sum(), grad
 
+    def compile_kernel(self) -> None:
+        """``torch.compile`` the per-chunk value and gradient (the recipe's ``compile: true``):
+        softmaxes, formula and gradient fuse into fewer passes over the ``[N, V]`` rows."""
+        self.value_and_grad = torch.compile(self.value_and_grad, dynamic=True)
+
     def rows_sum(self, student_rows: Tensor, teacher_rows: Tensor) -> Tensor:
         """Differentiable sum of per-token divergences over ``[N, V]`` rows that all count."""
         vocab = shared_vocab_size(student_rows.shape[-1], teacher_rows.shape[-1], self.vocab_size)

@@ -58,6 +58,8 @@ from omegaconf import DictConfig, OmegaConf
 from torchtune import config, training, utils
 from tqdm import tqdm
 
+from distillm_tune.recipes.schema import EvaluateConfig
+from distillm_tune.training.settings import check_schema, read_schema
 from distillm_tune.data._rows import DataStats, check_on_bad_row, parse_rows, read_rows
 from distillm_tune.data.eval_sets import parse_eval_row
 from distillm_tune.data.instruction import TEMPLATES, chat_messages, format_prompt, truncate_prompt
@@ -133,10 +135,23 @@ def _write_atomic(path: str, text: str) -> None:
     os.replace(path + ".tmp", path)
 
 
+SCHEMA = read_schema(EvaluateConfig)  # every key, its type, range and default (recipes/schema.py)
+
+
+def check_config(cfg: DictConfig) -> DictConfig:
+    """Keys, types and ranges, before anything is read (also ``distillm-tune validate``); returns
+    ``cfg`` with every absent key set to its default."""
+    cfg = check_schema(cfg, SCHEMA)
+    if cfg.max_prompt_len >= cfg.max_seq_len:
+        raise ValueError(f"config max_prompt_len: must be below max_seq_len={cfg.max_seq_len}, got {cfg.max_prompt_len}")
+    return cfg
+
+
 class EvaluateRecipe:
     """Generate for every dataset (and seed), score, write results (module docstring)."""
 
     def __init__(self, cfg: DictConfig) -> None:
+        cfg = check_config(cfg)
         self.cfg = cfg
         self.model_dir = self._existing_dir(cfg, "model_dir")
         self.tokenizer_dir = (self._existing_dir(cfg, "tokenizer_dir")

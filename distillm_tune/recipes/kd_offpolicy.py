@@ -39,22 +39,15 @@ from distillm_tune.losses.cross_entropy import cross_entropy_sum_and_count, line
 from distillm_tune.models import LoRASettings, family_for, load_hf, load_hf_tokenizer, read_hf_config
 from distillm_tune.models.tokenizer import cut_at_stop, stop_ids
 from distillm_tune.models.hf import save_hf_state_dict, save_peft_adapter_state_dict
-from distillm_tune.sgo import (
-    METHODS,
-    SOURCES,
-    AdaptiveSGOScheduler,
-    ReplayBuffer,
-    choose_source,
-    shared_uniform,
-)
-from distillm_tune.sgo.scheduler import REPLAY_RATIOS
+from distillm_tune.sgo import SOURCES, choose_source, shared_uniform
 from distillm_tune.training import RecipeCheckpointer, all_reduce_sum, init_process_group_for
 from distillm_tune.training.checkpointing import CheckpointWriteError, free_space
 from distillm_tune.training.distributed import exit_with_launcher, run_on_rank_zero
 from distillm_tune.training.model_io import LAYER_CLASSES, model_io_for, output_projection
 from distillm_tune.training.output_dir import claim_output_dir
 from distillm_tune.training.resume import apply_optimizer_changes, config_changes
-from distillm_tune.training.settings import Rule, check_known_keys, check_settings
+from distillm_tune.training.settings import check_schema, read_schema
+from distillm_tune.recipes.schema import KDOffPolicyConfig
 
 log = utils.get_logger("INFO")
 
@@ -70,76 +63,19 @@ METHOD_LOSSES = {
 }
 
 
-# Every key the recipe reads; ".*": a component's arguments, checked when it is instantiated.
-KNOWN_KEYS = (
-    "method", "loss.*", "kd_ratio", "lm.dataset.*", "lm.coef", "lm.batch_size", "seqkd_data",
-    "student.checkpoint_dir", "student.lora.lora_attn_modules", "student.lora.apply_lora_to_mlp",
-    "student.lora.apply_lora_to_output", "student.lora.lora_rank", "student.lora.lora_alpha",
-    "student.lora.lora_dropout", "teacher.checkpoint_dir", "max_seq_len", "max_prompt_len", "dataset.*",
-    "validation.dataset.*", "validation.every_n_steps", "validation.batch_size", "validation.max_examples",
-    "validation.rouge_examples", "sgo.max_new_tokens", "sgo.temperature", "sgo.top_p", "sgo.top_k",
-    "sgo.buffer_size", "sgo.phi0", "sgo.num_stages", "sgo.tolerance", "sgo.replay_ratio", "sgo.gkd_sgo_prob",
-    "guards.on_nonfinite", "guards.max_nonfinite_steps", "guards.on_divergence", "guards.max_val_loss_ratio",
-    "guards.max_dropped_fraction", "guards.max_duplicate_fraction",
-    "seed", "epochs", "max_steps_per_epoch", "batch_size", "gradient_accumulation_steps", "num_output_chunks",
-    "fused_loss_chunk_size", "clip_grad_norm", "optimizer.*", "lr_scheduler.*", "device", "dtype",
-    "enable_activation_checkpointing", "save_every_n_steps", "keep_last_checkpoints", "resume_from_checkpoint",
-    "overwrite", "log_every_n_steps", "metric_logger.*", "output_dir",
-    # the shipped configs' path variables (also allowed once an override has replaced every use)
-    "assets_dir", "checkpoints_dir", "data_dir",
-)
 # torchtune recipe keys this recipe does not implement: accepted only when off.
-TORCHTUNE_KEYS_OFF = ("compile", "profiler", "log_peak_memory_stats", "optimizer_in_bwd", "clip_grad_norm_type")
-
-# Checked before anything is loaded (absent keys take the defaults the recipe reads below).
-SETTINGS = (
-    Rule("batch_size", int, 1, optional=False),
-    Rule("epochs", int, 1, optional=False),
-    Rule("max_steps_per_epoch", int, 1),
-    Rule("gradient_accumulation_steps", int, 1),
-    Rule("max_seq_len", int, 2, optional=False),
-    Rule("max_prompt_len", int, 1, optional=False),
-    Rule("kd_ratio", float, 0, 1),
-    Rule("seed", int, 0),
-    Rule("clip_grad_norm", float, 0, low_open=True),
-    Rule("num_output_chunks", int, 0),  # 0: one dense logits tensor
-    Rule("fused_loss_chunk_size", int, 1),
-    Rule("dtype", str, choices=("fp32", "bf16")),
-    Rule("enable_activation_checkpointing", bool),
-    Rule("validation.batch_size", int, 1),
-    Rule("validation.max_examples", int, 1),
-    Rule("validation.every_n_steps", int, 1),
-    Rule("validation.rouge_examples", int, 0),
-    Rule("save_every_n_steps", int, 1),
-    Rule("keep_last_checkpoints", int, 1),
-    Rule("log_every_n_steps", int, 1),
-    Rule("resume_from_checkpoint", bool),
-    Rule("overwrite", bool),
-    Rule("sgo.max_new_tokens", int, 1),
-    Rule("sgo.temperature", float, 0),
-    Rule("sgo.top_p", float, 0, 1, low_open=True),
-    Rule("sgo.top_k", int, 1),
-    Rule("sgo.buffer_size", int, 1),
-    Rule("sgo.phi0", float, 0, 1),
-    Rule("sgo.num_stages", int, 1),
-    Rule("sgo.tolerance", float, 0),
-    Rule("sgo.replay_ratio", str, choices=REPLAY_RATIOS),
-    Rule("sgo.gkd_sgo_prob", float, 0, 1),
-    Rule("lm.coef", float, 0),
-    Rule("lm.batch_size", int, 1),
-    Rule("guards.on_nonfinite", str, choices=("skip", "stop")),
-    Rule("guards.max_nonfinite_steps", int, 1),
-    Rule("guards.on_divergence", str, choices=("stop", "warn")),
-    Rule("guards.max_val_loss_ratio", float, 1, low_open=True),
-    Rule("guards.max_dropped_fraction", float, 0, 1),
-    Rule("guards.max_duplicate_fraction", float, 0, 1),
-)
+TORCHTUNE_KEYS_OFF = ("optimizer_in_bwd", "clip_grad_norm_type")
+SCHEMA = read_schema(KDOffPolicyConfig)  # every key, its type, range and default (recipes/schema.py)
 
 
-GUARD_DEFAULTS = {
-    "on_nonfinite": "skip", "max_nonfinite_steps": 3, "on_divergence": "stop", "max_val_loss_ratio": 5.0,
-    "max_dropped_fraction": 0.5, "max_duplicate_fraction": 0.2,
-}
+def peak_memory_stats(device: torch.device) -> Dict[str, float]:
+    """``log_peak_memory_stats``: torchtune's CUDA peaks; on CPU the process's peak resident
+    memory (torchtune supports no CPU figure)."""
+    if device.type == "cpu":
+        import resource
+
+        return {"peak_memory_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}  # KiB -> GiB
+    return training.get_memory_stats(device, reset_stats=False)
 
 
 class RunStopped(RuntimeError):
@@ -150,6 +86,18 @@ def _setting_error(setting: str, message: str) -> ValueError:
     return ValueError(f"config {setting}: {message}")
 
 
+def check_config(cfg: DictConfig) -> DictConfig:
+    """Every check that needs no file, model or process (also ``distillm-tune validate``): unknown
+    keys, types, ranges, component arguments, then rules across keys. Returns ``cfg`` with every
+    absent key set to its schema default."""
+    cfg = check_schema(cfg, SCHEMA, TORCHTUNE_KEYS_OFF)
+    if cfg.max_prompt_len >= cfg.max_seq_len:
+        raise _setting_error("max_prompt_len", f"must be below max_seq_len={cfg.max_seq_len}, got {cfg.max_prompt_len}")
+    if METHOD_LOSSES[cfg.method] is not None and cfg.teacher.checkpoint_dir is None:
+        raise _setting_error("teacher.checkpoint_dir", f"required by method={cfg.method} (a teacher checkpoint directory)")
+    return cfg
+
+
 class KDOffPolicyRecipe:
     """Distil a student from a teacher with one of the paper's data policies.
 
@@ -157,43 +105,30 @@ class KDOffPolicyRecipe:
     """
 
     def __init__(self, cfg: DictConfig) -> None:
+        cfg = check_config(cfg)
         self.cfg = cfg
-        self.method = cfg.get("method", "distillm")
-        if self.method not in METHODS:
-            raise _setting_error("method", f"unknown method {self.method!r}; expected one of {list(METHODS)}")
-        check_known_keys(cfg, KNOWN_KEYS, TORCHTUNE_KEYS_OFF)
-        check_settings(cfg, SETTINGS)
-        if cfg.max_prompt_len >= cfg.max_seq_len:
-            raise _setting_error("max_prompt_len", f"must be below max_seq_len={cfg.max_seq_len}, got {cfg.max_prompt_len}")
+        self.method = cfg.method
         exit_with_launcher()
-        self.device = utils.get_device(cfg.get("device", "cpu"))
-        self.dtype = training.get_dtype(cfg.get("dtype", "fp32"), device=self.device)
+        self.device = utils.get_device(cfg.device)
+        self.dtype = training.get_dtype(cfg.dtype, device=self.device)
         self.world_size, self.rank = init_process_group_for(self.device)
         self.is_rank_zero = self.rank == 0
         self.distributed = self.world_size > 1
-        self.seed = training.set_seed(seed=cfg.get("seed", 1))
+        self.seed = training.set_seed(seed=cfg.seed)
         self.output_dir = cfg.output_dir
         self.uses_teacher = METHOD_LOSSES[self.method] is not None
         self.batch_size = int(cfg.batch_size)
-        self.grad_accum = int(cfg.get("gradient_accumulation_steps", 1))
-        self.kd_ratio = float(cfg.get("kd_ratio", 1.0)) if self.uses_teacher else 0.0
-        self.clip_grad_norm = cfg.get("clip_grad_norm", 1.0)
-        sgo = cfg.get("sgo", {}) or {}
-        self.sgo_cfg = {
-            "temperature": float(sgo.get("temperature", 1.0)),
-            "top_p": float(sgo.get("top_p", 1.0)),
-            "top_k": sgo.get("top_k", None),
-        }
-        self.max_new_tokens = int(sgo.get("max_new_tokens", cfg.max_seq_len - cfg.max_prompt_len))
-        self.gkd_sgo_prob = float(sgo.get("gkd_sgo_prob", 0.5))
-        self._sgo = sgo
-        guards = cfg.get("guards", None) or {}
-        self.guards = {key: guards.get(key, default) for key, default in GUARD_DEFAULTS.items()}
+        self.grad_accum = int(cfg.gradient_accumulation_steps)
+        self.kd_ratio = float(cfg.kd_ratio) if self.uses_teacher else 0.0
+        self.clip_grad_norm = cfg.clip_grad_norm
+        sgo = cfg.sgo
+        self.sgo_cfg = {"temperature": float(sgo.temperature), "top_p": float(sgo.top_p), "top_k": sgo.top_k}
+        self.max_new_tokens = int(sgo.max_new_tokens or cfg.max_seq_len - cfg.max_prompt_len)
+        self.gkd_sgo_prob = float(sgo.gkd_sgo_prob)
+        self.guards = cfg.guards
         self._nonfinite_run = 0  # consecutive skipped steps
         self.first_val_loss: Optional[float] = None
         self.diverged = False  # with guards.on_divergence=warn
-        if not 0.0 <= self.kd_ratio <= 1.0:
-            raise _setting_error("kd_ratio", f"must lie in [0, 1], got {self.kd_ratio}")
 
     # ------------------------------------------------------------------------------------- setup
 
@@ -203,8 +138,8 @@ class KDOffPolicyRecipe:
         student_dir = self._existing_dir("student.checkpoint_dir", cfg.student.checkpoint_dir)
         teacher_dir = self._existing_dir("teacher.checkpoint_dir", cfg.teacher.checkpoint_dir) if self.uses_teacher else None
         self.student_dir = student_dir
-        self.resuming = bool(cfg.get("resume_from_checkpoint", False))
-        self.checkpointer = RecipeCheckpointer(self.output_dir, keep_last=int(cfg.get("keep_last_checkpoints", 2)),
+        self.resuming = bool(cfg.resume_from_checkpoint)
+        self.checkpointer = RecipeCheckpointer(self.output_dir, keep_last=int(cfg.keep_last_checkpoints),
                                                device=self.device)
         self._output_lock = None
         run_on_rank_zero(self._claim_output_dir)
@@ -220,7 +155,7 @@ class KDOffPolicyRecipe:
 
         self.micro_batches_per_epoch = len(self.train_data) // (self.batch_size * self.world_size)
         steps = self.micro_batches_per_epoch // self.grad_accum
-        if cfg.get("max_steps_per_epoch") is not None:
+        if cfg.max_steps_per_epoch is not None:
             steps = min(steps, int(cfg.max_steps_per_epoch))
         if steps < 1:
             raise _setting_error(
@@ -232,7 +167,7 @@ class KDOffPolicyRecipe:
         self.total_steps = steps * int(cfg.epochs)
         resume_state = self._read_resume_state(resume_path) if resume_path else None
 
-        lora = cfg.student.get("lora", None)
+        lora = cfg.student.lora
         self.lora = None if lora is None else LoRASettings(
             **{k: (tuple(v) if k == "lora_attn_modules" else v) for k, v in OmegaConf.to_container(lora).items()}
         )
@@ -240,11 +175,13 @@ class KDOffPolicyRecipe:
         self.student = self._load_model("student.checkpoint_dir", student_dir, self.lora, trainable=True)
         self.teacher = self._load_model("teacher.checkpoint_dir", teacher_dir, None, trainable=False) if self.uses_teacher else None
 
-        num_chunks = int(cfg.get("num_output_chunks", 8))
+        num_chunks = int(cfg.num_output_chunks)
         for model in (self.student, self.teacher):
             if model is not None:
                 self.io.prepare(model, num_chunks)
         self.fused_loss = self._build_fused_loss()
+        if cfg.compile and self.loss_fn is not None:
+            self.loss_fn.compile_kernel()
 
         if resume_state is not None:
             # Before the optimizer exists: under FSDP loading replaces the parameter objects, and an
@@ -254,14 +191,8 @@ class KDOffPolicyRecipe:
         self.optimizer = config.instantiate(cfg.optimizer, trainable)
         self.lr_scheduler = config.instantiate(cfg.lr_scheduler, self.optimizer, num_training_steps=self.total_steps)
 
-        self.buffer = ReplayBuffer(capacity=int(self._sgo.get("buffer_size", 1000)))
-        self.scheduler = AdaptiveSGOScheduler(
-            total_steps=self.total_steps,
-            phi0=float(self._sgo.get("phi0", 0.0)),
-            num_stages=int(self._sgo.get("num_stages", 10)),
-            tolerance=float(self._sgo.get("tolerance", 0.1)),
-            replay_ratio=self._sgo.get("replay_ratio", "decreasing"),
-        )
+        self.buffer = config.instantiate(cfg.sgo.replay_buffer)
+        self.scheduler = config.instantiate(cfg.sgo.scheduler, total_steps=self.total_steps)
         # u must be equal on all ranks: one generator seeded identically everywhere (and
         # shared_uniform broadcasts rank 0's draw). Sampling and replay draws differ per rank.
         self.policy_gen = torch.Generator().manual_seed(self.seed)
@@ -269,6 +200,8 @@ class KDOffPolicyRecipe:
         self.buffer_gen = torch.Generator().manual_seed(self.seed + 2000 + self.rank)
 
         self.metric_logger = config.instantiate(cfg.metric_logger) if self.is_rank_zero else None
+        # torchtune's profiler: a no-op unless profiler.enabled; traces go to profiler.output_dir
+        self.profiler, _ = config.instantiate(cfg.profiler)
         if self.metric_logger is not None:
             self.metric_logger.log_config(cfg)  # every torchtune metric logger records the run's config
         self.global_step, self.epoch, self.step_in_epoch = 0, 0, 0
@@ -282,12 +215,14 @@ class KDOffPolicyRecipe:
                 # L_prev starts as the validation loss of the initial student (paper App. C)
                 self.first_val_loss = self.validation_loss()
                 self.scheduler.start(self.first_val_loss)
+                if self.metric_logger is not None:  # the reference the scheduler compares against
+                    self.metric_logger.log_dict({"val_loss_start": self.first_val_loss, "phi": self.scheduler.phi}, step=0)
 
     def _claim_output_dir(self) -> None:
         """Rank 0: lock ``output_dir`` and refuse an earlier run's outputs unless resuming or
         overwriting (training/output_dir.py)."""
         try:
-            self._output_lock = claim_output_dir(str(self.output_dir), self.resuming, bool(self.cfg.get("overwrite", False)))
+            self._output_lock = claim_output_dir(str(self.output_dir), self.resuming, bool(self.cfg.overwrite))
         except (ValueError, OSError) as e:
             raise _setting_error("output_dir", str(e)) from None
 
@@ -314,7 +249,7 @@ class KDOffPolicyRecipe:
         """``fused_loss_chunk_size: N``: the divergence from final hidden states and output weights,
         N tokens at a time, so neither model's ``[tokens, V]`` logits are ever built (~80% less
         loss memory, docs/benchmarks.md §1). Checked here, identically on every rank."""
-        chunk = self.cfg.get("fused_loss_chunk_size", None)
+        chunk = self.cfg.fused_loss_chunk_size
         if chunk is None:
             return None
         key = "fused_loss_chunk_size"
@@ -336,7 +271,7 @@ class KDOffPolicyRecipe:
         return FusedLinearDivergence(self.loss_fn, chunk_size=int(chunk))
 
     def _build_loss(self, student_dir: str, teacher_dir: Optional[str]) -> Optional[Divergence]:
-        loss_cfg = OmegaConf.to_container(self.cfg.get("loss", None) or OmegaConf.create({}))
+        loss_cfg = OmegaConf.to_container(self.cfg.loss or OmegaConf.create({}))
         preset = METHOD_LOSSES[self.method]
         if preset is None:
             return None
@@ -403,7 +338,7 @@ class KDOffPolicyRecipe:
         cfg = self.cfg
         train_cfg = cfg.dataset
         if self.method == "seqkd":
-            if not cfg.get("seqkd_data"):
+            if not cfg.seqkd_data:
                 raise _setting_error(
                     "seqkd_data", "method=seqkd needs seqkd_data=<jsonl of teacher responses written by "
                     "python -m distillm_tune.scripts.generate_seqkd>",
@@ -450,8 +385,8 @@ class KDOffPolicyRecipe:
 
     def _build_lm_data(self):
         """Optional pretraining text for the LM term (``lm.dataset``), with ``lm.coef``."""
-        lm = self.cfg.get("lm", None)
-        if lm is None or lm.get("dataset", None) is None:
+        lm = self.cfg.lm
+        if lm is None or lm.dataset is None:
             return None, 0.0, 0
         if self.io.is_encoder_decoder:
             raise _setting_error("lm.dataset", "the LM term is for decoder-only students")
@@ -460,7 +395,7 @@ class KDOffPolicyRecipe:
         data = config.instantiate(lm.dataset, self.tokenizer)
         if len(data) == 0:
             raise _setting_error("lm.dataset", "holds no full block of max_seq_len tokens")
-        return data, float(lm.get("coef", 1.0)), int(lm.get("batch_size", self.batch_size))
+        return data, float(lm.coef), int(lm.batch_size or self.batch_size)
 
     def _lm_batch(self, micro_index: int) -> Dict[str, torch.Tensor]:
         """This rank's LM blocks for the global micro-batch ``micro_index`` (cycling the corpus)."""
@@ -480,8 +415,11 @@ class KDOffPolicyRecipe:
         elif not trainable:
             model.requires_grad_(False)
             model.eval()
-        if trainable and self.cfg.get("enable_activation_checkpointing", False):
+        if trainable and self.cfg.enable_activation_checkpointing:
             training.set_activation_checkpointing(model, auto_wrap_policy=set(LAYER_CLASSES))
+        if self.cfg.compile:  # per layer, as torchtune does: one compiled graph reused by every layer
+            for layer in (m for m in model.modules() if isinstance(m, LAYER_CLASSES)):
+                layer.compile()
         model.to(self.device)
         if self.distributed:
             # Teacher sharded like the student: its memory is split across ranks too.
@@ -669,11 +607,12 @@ class KDOffPolicyRecipe:
 
     def train(self) -> None:
         cfg = self.cfg
-        val_every = cfg.validation.get("every_n_steps", None)
-        save_every = cfg.get("save_every_n_steps", None)
-        log_every = int(cfg.get("log_every_n_steps", 1))
+        val_every = cfg.validation.every_n_steps
+        save_every = cfg.save_every_n_steps
+        log_every = int(cfg.log_every_n_steps)
         pbar = tqdm(total=self.total_steps, initial=self.global_step, disable=not self.is_rank_zero,
                     desc=f"{self.method}", dynamic_ncols=True)
+        self.profiler.start()
         while self.epoch < int(cfg.epochs):
             order = self._epoch_order(self.epoch)
             while self.step_in_epoch < self.steps_per_epoch:
@@ -693,6 +632,9 @@ class KDOffPolicyRecipe:
                         self.export("hf_model_best", "peft_adapter_best")
                 self.train_time += time.perf_counter() - t0
                 metrics["train_time"] = self.train_time
+                if cfg.log_peak_memory_stats:
+                    metrics.update(peak_memory_stats(self.device))
+                self.profiler.step()
                 if self.metric_logger is not None and (self.global_step % log_every == 0 or "val_loss" in metrics):
                     self.metric_logger.log_dict(metrics, step=self.global_step)
                 pbar.update(1)
@@ -702,6 +644,7 @@ class KDOffPolicyRecipe:
                 if end_of_epoch:
                     break
         pbar.close()
+        self.profiler.stop()
         self.save_checkpoint()
         if self.diverged:  # never let a diverged student take the place of a good export
             self.export("hf_model_diverged", "peft_adapter_diverged")
@@ -717,9 +660,9 @@ class KDOffPolicyRecipe:
         self.student.eval()
         # The same examples whatever the number of ranks, so the scheduler sees the same loss.
         n = len(self.valid_data)
-        if self.cfg.validation.get("max_examples", None) is not None:
+        if self.cfg.validation.max_examples is not None:
             n = min(n, int(self.cfg.validation.max_examples))
-        bs = int(self.cfg.validation.get("batch_size", self.batch_size))
+        bs = int(self.cfg.validation.batch_size or self.batch_size)
         sums = torch.zeros(2, device=self.device)
         # Every rank runs the same number of forward passes (FSDP all-gathers inside each one);
         # a rank whose share runs out feeds a fully masked dummy batch.
@@ -745,7 +688,7 @@ class KDOffPolicyRecipe:
         if self.method == "distillm":
             out["phi_increased"] = float(self.scheduler.update(val_loss))
             out["phi"] = self.scheduler.phi
-        n_rouge = int(self.cfg.validation.get("rouge_examples", 0) or 0)
+        n_rouge = int(self.cfg.validation.rouge_examples)
         if n_rouge > 0:
             out["val_rouge_l"] = self.validation_rouge(n_rouge)
         return out
@@ -779,7 +722,7 @@ class KDOffPolicyRecipe:
         from distillm_tune.eval.metrics import rouge_l
 
         n = min(n_examples, len(self.valid_data))
-        bs = int(self.cfg.validation.get("batch_size", self.batch_size))
+        bs = int(self.cfg.validation.batch_size or self.batch_size)
         local = torch.zeros(2, device=self.device)
         # batches of validation.batch_size per rank, the same number on every rank (lockstep)
         for b in range(math.ceil(n / (bs * self.world_size))):

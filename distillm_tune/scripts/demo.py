@@ -27,13 +27,10 @@ from typing import Dict, List, Sequence
 
 from omegaconf import OmegaConf
 
-CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs", "tiny_cpu.yaml")
-
-
 def _config_path() -> str:
-    if os.path.isfile(CONFIG):
-        return CONFIG
-    raise FileNotFoundError(f"{CONFIG} not found: run the demo from a checkout of distillm-tune")
+    from distillm_tune.cli import resolve_config
+
+    return resolve_config("tiny_cpu")  # shipped inside the package: runs from an installed wheel
 
 
 def run(name: str, out: str, overrides: List[str]) -> Dict:
@@ -108,8 +105,13 @@ def score_model(model_dir: str, data: str, eval_dir: str, eval_seeds: Sequence[i
     return out
 
 
-def plot(curves: Dict[str, List[Dict]], path: str) -> None:
-    import matplotlib
+def plot(curves: Dict[str, List[Dict]], path: str) -> bool:
+    """Write the curves; False (and a hint) when matplotlib, the ``plots`` extra, is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"skipped {os.path.basename(path)}: matplotlib is not installed (pip install 'distillm-tune[plots]')")
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -126,6 +128,7 @@ def plot(curves: Dict[str, List[Dict]], path: str) -> None:
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    return True
 
 
 def main(argv=None) -> None:
@@ -162,7 +165,7 @@ def main(argv=None) -> None:
     runs["student (SFT)"] = run("student SFT", os.path.join(out, "student_sft"), common + [
         "method=sft", f"output_dir={out}/student_sft", f"epochs={args.student_epochs}", "optimizer.lr=1e-3"])
     student = runs["student (SFT)"]["hf_model"]
-    for method, extra in (("kd", []), ("distillm", [f"sgo.phi0={args.phi0}"])):
+    for method, extra in (("kd", []), ("distillm", [f"sgo.scheduler.phi0={args.phi0}"])):
         runs[f"student ({method})"] = run(method, os.path.join(out, method), common + extra + [
             f"method={method}", f"student.checkpoint_dir={student}", f"teacher.checkpoint_dir={teacher}",
             f"output_dir={out}/{method}", f"epochs={args.distil_epochs}", "optimizer.lr=5e-4"])
@@ -193,9 +196,10 @@ def main(argv=None) -> None:
         f.write(table + "\n")
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
-    plot({k: v["rows"] for k, v in runs.items() if k.startswith("student (") and "SFT" not in k}
-         | {"student (SFT)": runs["student (SFT)"]["rows"]}, os.path.join(out, "curves.png"))
-    print(f"\nwrote {out}/results.md, results.json, curves.png in {time.perf_counter() - t_start:.0f} s")
+    plotted = plot({k: v["rows"] for k, v in runs.items() if k.startswith("student (") and "SFT" not in k}
+                   | {"student (SFT)": runs["student (SFT)"]["rows"]}, os.path.join(out, "curves.png"))
+    written = "results.md, results.json" + (", curves.png" if plotted else "")
+    print(f"\nwrote {written} to {out} in {time.perf_counter() - t_start:.0f} s")
 
 
 if __name__ == "__main__":

@@ -27,14 +27,14 @@ run                       recipe overrides                                   pap
 ``srkl``                  ``method=kd loss=SkewReverseKLLoss(alpha=0.1)``    Tab. 1 / 2 SRKL
 ``srkl_onpolicy``         ``method=imitkd`` + SRKL                           Tab. 2 On-policy
 ``srkl_mixed``            ``method=gkd sgo.gkd_sgo_prob=0.5`` + SRKL         Tab. 2 Mixed
-``srkl_adaptive``         ``method=distillm sgo.buffer_size=1`` (SRKL)       Tab. 2 Adaptive
+``srkl_adaptive``         ``method=distillm sgo.replay_buffer.capacity=1`` (SRKL)       Tab. 2 Adaptive
 ``distillm``              ``method=distillm`` (SRKL, replay buffer 1000)     Tab. 2 + Off-policy
 ``seqkd``                 ``method=seqkd`` (CE on the teacher's samples)     Tab. 11 SeqKD
 ``imitkd``                ``method=imitkd`` (FKL on student outputs)         Tab. 11 ImitKD
 ``gkd``                   ``method=gkd`` (JSD β=0.1, half the steps SGO)     Tab. 11 GKD
 ========================  =================================================  =====================
 
-Both adaptive runs use ``sgo.phi0=--phi0 sgo.tolerance=--tolerance``: default 0.2 (the OpenLLaMA
+Both adaptive runs use ``sgo.scheduler.phi0=--phi0 sgo.scheduler.tolerance=--tolerance``: default 0.2 (the OpenLLaMA
 setting of DISTILLM_SPEC §6) and the paper's 0.1 (App. C). The paper's GPT-2 setting, phi0 = 0, never
 raises phi here: in a trial (seed 1, 10 epochs x 125 steps) the validation loss of the distilled
 student fell at every validation (1.96 -> 1.74 for KD, 2.04 -> 1.79 for DistiLLM), so phi stayed 0,
@@ -93,7 +93,7 @@ def _jsd(p: Dict[str, float]) -> List[str]:
 
 
 def _adaptive(p: Dict[str, float]) -> List[str]:
-    return ["method=distillm", f"sgo.phi0={p['phi0']}", f"sgo.tolerance={p['tolerance']}"]
+    return ["method=distillm", f"sgo.scheduler.phi0={p['phi0']}", f"sgo.scheduler.tolerance={p['tolerance']}"]
 
 
 # name -> table, label, overrides(params); in report order
@@ -112,7 +112,7 @@ RUNS: Dict[str, Dict[str, Any]] = {
     "srkl_mixed": {"table": 2, "label": "SRKL ⌞ Mixed (gkd, p=0.5)",
                    "overrides": lambda p: ["method=gkd", "sgo.gkd_sgo_prob=0.5"] + SRKL},
     "srkl_adaptive": {"table": 2, "label": "SRKL ⌞ Adaptive (no replay)",
-                      "overrides": lambda p: _adaptive(p) + ["sgo.buffer_size=1"] + SRKL},
+                      "overrides": lambda p: _adaptive(p) + ["sgo.replay_buffer.capacity=1"] + SRKL},
     "distillm": {"table": 2, "label": "SRKL ⌞ Adaptive + Off-policy (DistiLLM)",
                  "overrides": lambda p: _adaptive(p) + SRKL},
     # Tab. 3-style baselines, each with its own divergence (the recipe's method defaults); KD is
@@ -592,7 +592,7 @@ def render_markdown(summary: Dict[str, Any], plots: Dict[str, str], command: str
         if n in RUNS:
             ov = " ".join(run_overrides(n, **{k: st[k] for k in DEFAULT_PARAMS if k in st}))
             out.append(f"| `{n}` | `{ov}` |")
-    out += ["", "- **Adaptive (no replay)** is `method=distillm sgo.buffer_size=1`: a buffer of one sample never "
+    out += ["", "- **Adaptive (no replay)** is `method=distillm sgo.replay_buffer.capacity=1`: a buffer of one sample never "
             "holds a batch, so `choose_source` generates fresh SGO wherever it would replay; a step generates "
             "with probability φ and reads the dataset otherwise — the adaptive SGO scheduler without the "
             "off-policy buffer.",
@@ -614,7 +614,11 @@ def render_markdown(summary: Dict[str, Any], plots: Dict[str, str], command: str
 
 
 def plot(summary: Dict[str, Any], path_prefix: str) -> Dict[str, str]:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # the ``plots`` extra
+        print("skipped the plots: matplotlib is not installed (pip install 'distillm-tune[plots]')")
+        return {}
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -729,9 +733,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     t.add_argument("--steps", type=int, default=125, help="steps per epoch (at most 250 = one pass)")
     t.add_argument("--epochs", type=int, default=10)
     t.add_argument("--jsd-beta", type=float, default=DEFAULT_PARAMS["jsd_beta"], help="beta of the jsd run")
-    t.add_argument("--phi0", type=float, default=DEFAULT_PARAMS["phi0"], help="sgo.phi0 of the adaptive runs")
+    t.add_argument("--phi0", type=float, default=DEFAULT_PARAMS["phi0"], help="sgo.scheduler.phi0 of the adaptive runs")
     t.add_argument("--tolerance", type=float, default=DEFAULT_PARAMS["tolerance"],
-                   help="sgo.tolerance of the adaptive runs")
+                   help="sgo.scheduler.tolerance of the adaptive runs")
     t.add_argument("--train-args", default="", help="extra key=value overrides of every run (space-separated)")
     t.add_argument("--threads", type=int, default=int(os.environ.get("THREADS", "1")))
     s = sub.add_parser("summarize", help="report, JSON and plots from OUT_DIR/runs")

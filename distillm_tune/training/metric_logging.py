@@ -10,6 +10,7 @@ import time
 from typing import Mapping, Union
 
 from torchtune.training.metric_logging import MetricLoggerInterface
+from torchtune.training.metric_logging import TensorBoardLogger as _TorchtuneTensorBoardLogger
 
 Scalar = Union[int, float]
 
@@ -57,3 +58,19 @@ class JsonlMetricLogger(MetricLoggerInterface):
 
     def __del__(self) -> None:
         self.close()
+
+
+class TensorBoardLogger(_TorchtuneTensorBoardLogger):
+    """torchtune's TensorBoard logger, whose ``log_config`` only writes ``torchtune_config.yaml``
+    to ``output_dir``; this one also puts the resolved config into TensorBoard (TEXT tab,
+    ``config``), so the run's settings travel with its curves."""
+
+    def log_config(self, config) -> None:
+        super().log_config(config)
+        if self._writer is not None:
+            from omegaconf import OmegaConf
+
+            text = OmegaConf.to_yaml(OmegaConf.to_container(config, resolve=True))
+            # markdown: indented by four spaces, the YAML shows as a code block
+            self._writer.add_text("config", "\n".join("    " + line for line in text.splitlines()), global_step=0)
+            self._writer.flush()

@@ -362,7 +362,7 @@ P = Probe
 PROBES = [
     # misspelt or unsupported keys
     P("typo_key", "misspelt key `methd=kd`", r"config methd: unknown key; did you mean method\?", ("methd=kd",)),
-    P("typo_nested_key", "misspelt nested key `sgo.phi_0=0.5`", r"config sgo.phi_0: unknown key; did you mean sgo.phi0\?",
+    P("typo_nested_key", "misspelt nested key `sgo.phi_0=0.5`", r"config sgo.phi_0: unknown key; did you mean sgo.scheduler.phi0\?",
       ("sgo.phi_0=0.5",)),
     P("typo_batch_size", "misspelt key `batch_sise=4`", r"config batch_sise: unknown key; did you mean batch_size\?",
       ("batch_sise=4",)),
@@ -381,8 +381,8 @@ PROBES = [
     P("top_p_zero", "`sgo.top_p=0` with phi0=0 (first used much later)", r"config sgo.top_p: expected a number in \(0, 1\]",
       ("sgo.top_p=0",)),
     P("temperature_negative", "`sgo.temperature=-1`", r"config sgo.temperature: expected a number >= 0", ("sgo.temperature=-1",)),
-    P("buffer_size_zero", "`sgo.buffer_size=0`", r"config sgo.buffer_size: expected an integer >= 1", ("sgo.buffer_size=0",)),
-    P("phi0_above_one", "`sgo.phi0=1.5`", r"config sgo.phi0: expected a number in \[0, 1\]", ("sgo.phi0=1.5",)),
+    P("buffer_size_zero", "`sgo.replay_buffer.capacity=0`", r"config sgo.replay_buffer.capacity: expected an integer >= 1", ("sgo.replay_buffer.capacity=0",)),
+    P("phi0_above_one", "`sgo.scheduler.phi0=1.5`", r"config sgo.scheduler.phi0: expected a number in \[0, 1\]", ("sgo.scheduler.phi0=1.5",)),
     P("kd_ratio_above_one", "`kd_ratio=1.5`", r"config kd_ratio: expected a number in \[0, 1\]", ("kd_ratio=1.5",)),
     P("alpha_out_of_range", "`loss.alpha=1.5` (SRKL)", r"config loss: .*alpha must lie in \[0, 1\)",
       ("method=distillm", "loss.alpha=1.5")),

@@ -38,9 +38,12 @@ def run_recipe(assets_dir, output_dir, *overrides, config=TINY_CONFIG):
     return recipe, read_metrics(output_dir)
 
 
-def read_metrics(output_dir):
+def read_metrics(output_dir, with_start=False):
+    """The metric rows of optimizer steps (``with_start``: also distillm's step-0 row, the
+    scheduler's starting validation loss)."""
     with open(os.path.join(output_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+        rows = [json.loads(line) for line in f]
+    return rows if with_start else [r for r in rows if r["step"] > 0]
 
 
 def tune_cmd(*args, nproc=None):

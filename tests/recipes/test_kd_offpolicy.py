@@ -42,7 +42,7 @@ def _srkl64(student_logits, teacher_logits, labels, alpha=0.1):
         ("imitkd", [], {"sgo"}),
         ("gkd", ["sgo.gkd_sgo_prob=0.5"], {"dataset", "sgo"}),
         # phi0=1: SGO from the start, so generation and replay both happen in 3 steps
-        ("distillm", ["sgo.phi0=1.0", "gradient_accumulation_steps=2", "batch_size=4"], {"sgo", "replay"}),
+        ("distillm", ["sgo.scheduler.phi0=1.0", "gradient_accumulation_steps=2", "batch_size=4"], {"sgo", "replay"}),
     ],
 )
 def test_each_method_runs_end_to_end(tiny_assets, tmp_path, method, extra, sources):
@@ -82,7 +82,7 @@ def test_metrics_and_config_log_say_what_the_run_did(tiny_assets, tmp_path):
     from omegaconf import OmegaConf
 
     recipe, kd = run_recipe(tiny_assets, str(tmp_path / "kd"), "method=kd")
-    _, distillm = run_recipe(tiny_assets, str(tmp_path / "distillm"), "method=distillm", "sgo.phi0=0.5")
+    _, distillm = run_recipe(tiny_assets, str(tmp_path / "distillm"), "method=distillm", "sgo.scheduler.phi0=0.5")
     assert not {"phi", "lambda_r", "buffer_fill"} & set(kd[0])
     assert distillm[0]["phi"] == 0.5 and "lambda_r" in distillm[0] and "buffer_fill" in distillm[0]
     logged = OmegaConf.to_container(OmegaConf.load(tmp_path / "kd" / "config.yaml"))
@@ -178,7 +178,7 @@ def test_two_processes_give_the_losses_of_one_with_the_same_global_batch(tiny_as
     assert_same_weights(tmp_path / "two", tmp_path / "one", rtol=1e-4, atol=1e-5)
 
 
-RESUME_ARGS = ["method=distillm", "sgo.phi0=1.0", "epochs=2", "save_every_n_steps=2", "batch_size=4"]
+RESUME_ARGS = ["method=distillm", "sgo.scheduler.phi0=1.0", "epochs=2", "save_every_n_steps=2", "batch_size=4"]
 
 
 @pytest.mark.slow
@@ -233,15 +233,15 @@ def test_lm_term_on_pretraining_text(tiny_assets, tmp_path):
 
 
 def test_activation_checkpointing_gives_the_same_training(tiny_assets, tmp_path):
-    _, plain = run_recipe(tiny_assets, str(tmp_path / "plain"), "method=distillm", "sgo.phi0=1.0")
-    _, ac = run_recipe(tiny_assets, str(tmp_path / "ac"), "method=distillm", "sgo.phi0=1.0",
+    _, plain = run_recipe(tiny_assets, str(tmp_path / "plain"), "method=distillm", "sgo.scheduler.phi0=1.0")
+    _, ac = run_recipe(tiny_assets, str(tmp_path / "ac"), "method=distillm", "sgo.scheduler.phi0=1.0",
                        "enable_activation_checkpointing=true")
     assert_same_losses(ac, plain, rel=1e-6)
     assert_same_weights(tmp_path / "ac", tmp_path / "plain", rtol=1e-5, atol=1e-6)
 
 
 def test_bf16_models_train_with_fp32_losses(tiny_assets, tmp_path):
-    recipe, rows = run_recipe(tiny_assets, str(tmp_path), "method=distillm", "sgo.phi0=1.0", "dtype=bf16")
+    recipe, rows = run_recipe(tiny_assets, str(tmp_path), "method=distillm", "sgo.scheduler.phi0=1.0", "dtype=bf16")
     assert next(recipe.student.parameters()).dtype == torch.bfloat16
     assert next(recipe.teacher.parameters()).dtype == torch.bfloat16
     for r in rows:
@@ -280,7 +280,7 @@ def test_validation_rouge_is_logged_and_the_best_student_exported(tiny_assets, t
 
 @pytest.mark.parametrize("method,extra", [
     # generation and replay micro-batches (as in test_each_method_runs_end_to_end)
-    ("distillm", ["sgo.phi0=1.0", "gradient_accumulation_steps=2", "batch_size=4"]),
+    ("distillm", ["sgo.scheduler.phi0=1.0", "gradient_accumulation_steps=2", "batch_size=4"]),
     ("gkd", ["loss.temperature=2.0"]),
     ("kd", [LORA, "optimizer.lr=5e-2"]),  # LoRA student: the head stays a plain tied layer
     ("kd", ["dtype=bf16"]),

@@ -17,7 +17,7 @@ def _fkl64(student_logits, teacher_logits, labels):
 
 @pytest.mark.parametrize("method,extra,sources", [
     ("kd", [], {"dataset"}),
-    ("distillm", ["sgo.phi0=1.0", "batch_size=4", "gradient_accumulation_steps=2"], {"sgo", "replay"}),
+    ("distillm", ["sgo.scheduler.phi0=1.0", "batch_size=4", "gradient_accumulation_steps=2"], {"sgo", "replay"}),
 ])
 def test_seq2seq_distillation_end_to_end(tiny_seq2seq_assets, tmp_path, method, extra, sources):
     from transformers import MT5ForConditionalGeneration

@@ -167,10 +167,10 @@ def test_run_definitions():
         "method=kd", "loss._component_=distillm_tune.losses.JSDLoss", "loss.beta=0.5"]
     assert "loss.beta=0.1" in rp.run_overrides("jsd")  # the paper's GKD setting in Eq. 4's convention
     adaptive = rp.run_overrides("srkl_adaptive", phi0=0.0)
-    assert "sgo.buffer_size=1" in adaptive and "sgo.phi0=0.0" in adaptive and "sgo.tolerance=0.1" in adaptive
+    assert "sgo.replay_buffer.capacity=1" in adaptive and "sgo.scheduler.phi0=0.0" in adaptive and "sgo.scheduler.tolerance=0.1" in adaptive
     offpolicy = rp.run_overrides("distillm")
-    assert offpolicy[0] == "method=distillm" and "sgo.phi0=0.2" in offpolicy
-    assert not any(o.startswith("sgo.buffer_size") for o in offpolicy)
+    assert offpolicy[0] == "method=distillm" and "sgo.scheduler.phi0=0.2" in offpolicy
+    assert not any(o.startswith("sgo.replay_buffer.capacity") for o in offpolicy)
     for name in ("srkl", "srkl_onpolicy", "srkl_mixed", "srkl_adaptive", "distillm"):
         assert "loss._component_=distillm_tune.losses.SkewReverseKLLoss" in rp.run_overrides(name)
         assert "loss.alpha=0.1" in rp.run_overrides(name)
