@@ -189,3 +189,22 @@ def test_kd_recipe_loss_equals_the_divergence(name):
     torch.testing.assert_close(flat, expected, rtol=1e-12, atol=1e-12)
     value.backward()  # the recipe backpropagates through it
     assert all(c.grad is not None and torch.isfinite(c.grad).all() for c in s_chunks)
+
+
+@pytest.mark.parametrize("name", ["ForwardKLLoss", "SymmetricKLLoss"])
+def test_adapted_loss_on_the_fused_path_equals_torchtune(name):
+    """The recipe's fused_loss_chunk_size path wraps the adapted divergence like any other."""
+    from distillm_tune.losses import FusedLinearDivergence
+
+    g = torch.Generator().manual_seed(2)
+    hs, ht = torch.randn(B, S, 6, generator=g, dtype=torch.float64), torch.randn(B, S, 9, generator=g, dtype=torch.float64)
+    ws, wt = torch.randn(V, 6, generator=g, dtype=torch.float64), torch.randn(V, 9, generator=g, dtype=torch.float64)
+    _, _, labels = _logits(seed=4)
+    path = "torchtune.modules.loss." + name
+    ws_ref, ws_ours = ws.clone().requires_grad_(True), ws.clone().requires_grad_(True)
+    expected = _torchtune_value(path, {}, hs @ ws_ref.T, ht @ wt.T, labels, 1)
+    value = FusedLinearDivergence(_adapted(path), chunk_size=5)(hs, ws_ours, ht, wt, labels)
+    torch.testing.assert_close(value, expected.double(), rtol=2e-6, atol=2e-6)
+    expected.backward()
+    value.backward()
+    torch.testing.assert_close(ws_ours.grad, ws_ref.grad.double(), rtol=1e-5, atol=1e-6)
