@@ -152,6 +152,14 @@ def test_argument_torchtune_does_not_take_is_refused():
         adapt_loss_config({"_component_": "torchtune.modules.loss.ForwardKLLoss", "temperature": 2.0})
 
 
+def test_the_defining_module_path_is_adapted_alike():
+    cfg, message = adapt_loss_config({"_component_": "torchtune.modules.loss.kd_losses.SymmetricKLLoss",
+                                      "sym_kd_ratio": 0.2})
+    assert cfg == {"_component_": "distillm_tune.losses.torchtune_compat.TorchtuneSymmetricKLLoss",
+                   "sym_kd_ratio": 0.2}
+    assert "adapted to distillm_tune.losses.torchtune_compat.TorchtuneSymmetricKLLoss" in message
+
+
 def test_our_divergences_pass_unchanged():
     cfg = {"_component_": "distillm_tune.losses.SkewReverseKLLoss", "alpha": 0.2}
     assert adapt_loss_config(cfg) == (cfg, None)

@@ -55,6 +55,8 @@ def test_torchtune_forward_kl_trains_as_ours_and_logs_torchtunes_value(tiny_asse
      "is not a teacher-student divergence: cross-entropy is kd_ratio's other term"),
     ("torch.nn.KLDivLoss", "loss._component_", "is not a teacher-student divergence"),
     ("torchtune.modules.loss.SymmetricKLLoss", "loss.alpha", "alpha=0.1 is not an argument of"),
+    # a factory, not a class: what it builds is checked once built, still before any model
+    ("torch.get_default_dtype", "loss._component_", "built a dtype, not a distillm_tune.losses.Divergence"),
 ])
 def test_refused_before_any_model_loads(tiny_assets, tmp_path, monkeypatch, component, key, reason):
     from distillm_tune.recipes import kd_offpolicy
