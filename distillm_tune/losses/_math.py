@@ -130,3 +130,14 @@ def logit_grad(log_q: Tensor, qg: Tensor, temperature: float) -> Tensor:
     """∂value/∂logits from qg = q ⊙ ∂value/∂q through softmax(logits / τ)."""
     grad = qg - log_q.exp() * qg.sum(-1, keepdim=True)
     return grad / temperature if temperature != 1.0 else grad
+
+
+def soft_cross_entropy(log_q: Tensor, log_p: Tensor) -> Pair:
+    """H(p, q) = −Σ p log q = KL(p ‖ q) + H(p): what torchtune's ``ForwardKLLoss`` returns.
+
+    The same gradient as ``forward_kl`` (H(p) does not depend on q): qg = −p. Entries where the
+    student puts ``-inf`` are left out, as torchtune does (its mask is ``isinf(student_logits)``).
+    """
+    valid = _finite(log_q, log_p)
+    p = log_p.exp()
+    return -(p * _where(valid, log_q)).sum(-1), -_where(valid, p)

@@ -277,6 +277,13 @@ class KDOffPolicyRecipe:
             return None
         if "_component_" not in loss_cfg:
             loss_cfg = {"_component_": preset[0], **preset[1], **loss_cfg}
+        # torchtune's KD losses become our divergence with the same math; other components that
+        # are not divergences are refused here, before any model is loaded.
+        from distillm_tune.losses.torchtune_compat import adapt_loss_config
+
+        loss_cfg, adapted = adapt_loss_config(loss_cfg)
+        if adapted:
+            log.info(adapted)
         # Embedding tables may be padded beyond the tokenizer (OPT 50272 vs 50265): compare the
         # real shared vocabulary only.
         s_cfg, t_cfg = read_hf_config(student_dir), read_hf_config(teacher_dir)
@@ -304,9 +311,13 @@ class KDOffPolicyRecipe:
         if s_cfg["vocab_size"] != real[0] or t_cfg["vocab_size"] != real[0]:
             loss_cfg.setdefault("vocab_size", real[0])
         try:
-            return config.instantiate(OmegaConf.create(loss_cfg))
+            loss = config.instantiate(OmegaConf.create(loss_cfg))
         except (ValueError, TypeError) as e:
             raise _setting_error("loss", f"{loss_cfg}: {e}") from e
+        if not isinstance(loss, Divergence):
+            raise _setting_error("loss._component_", f"{loss_cfg['_component_']} built a {type(loss).__name__}, "
+                                 "not a distillm_tune.losses.Divergence")
+        return loss
 
     def _check_same_tokenizer(self, student_dir: str, teacher_dir: str) -> None:
         """Distillation compares the models id by id: the teacher's tokenizer must give every id
