@@ -35,6 +35,7 @@ from tqdm import tqdm
 from distillm_tune.data.collate import CROSS_ENTROPY_IGNORE_IDX
 from distillm_tune.data.pretrain import collate_packed
 from distillm_tune.losses import Divergence, FusedLinearDivergence
+from distillm_tune.losses.torchtune_compat import adapt_loss_config
 from distillm_tune.losses.cross_entropy import cross_entropy_sum_and_count, linear_cross_entropy_sum_and_count
 from distillm_tune.models import LoRASettings, family_for, load_hf, load_hf_tokenizer, read_hf_config
 from distillm_tune.models.tokenizer import cut_at_stop, stop_ids
@@ -95,6 +96,8 @@ def check_config(cfg: DictConfig) -> DictConfig:
         raise _setting_error("max_prompt_len", f"must be below max_seq_len={cfg.max_seq_len}, got {cfg.max_prompt_len}")
     if METHOD_LOSSES[cfg.method] is not None and cfg.teacher.checkpoint_dir is None:
         raise _setting_error("teacher.checkpoint_dir", f"required by method={cfg.method} (a teacher checkpoint directory)")
+    if cfg.loss and "_component_" in cfg.loss:  # a torchtune loss is adapted, or refused with the reason
+        adapt_loss_config(OmegaConf.to_container(cfg.loss, resolve=True))
     return cfg
 
 
@@ -277,10 +280,7 @@ class KDOffPolicyRecipe:
             return None
         if "_component_" not in loss_cfg:
             loss_cfg = {"_component_": preset[0], **preset[1], **loss_cfg}
-        # torchtune's KD losses become our divergence with the same math; other components that
-        # are not divergences are refused here, before any model is loaded.
-        from distillm_tune.losses.torchtune_compat import adapt_loss_config
-
+        # torchtune's KD losses become our divergence with the same math (refusals: check_config)
         loss_cfg, adapted = adapt_loss_config(loss_cfg)
         if adapted:
             log.info(adapted)

@@ -261,9 +261,12 @@ def check_component_args(cfg: DictConfig) -> None:
         path = node["_component_"]
         try:
             target = _get_component_from_path(str(path))
-            params = inspect.signature(target).parameters
         except Exception as e:  # import errors of any kind, with the key that named the path
             raise ValueError(f"config {prefix}_component_: cannot import {path!r}: {e}") from None
+        try:
+            params = inspect.signature(target).parameters
+        except (TypeError, ValueError):  # a builtin without a signature: checked when it is called
+            return
         if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
             return
         for arg in node:
