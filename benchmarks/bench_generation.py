@@ -31,6 +31,14 @@ of one call after a warm-up call, see ``_cpu_peak_growth``).
     python benchmarks/bench_generation.py --small          # 2 layers x 128: seconds
     python benchmarks/bench_generation.py --device cuda --dtype bf16
     python benchmarks/bench_generation.py --small --profile ours   # torch.profiler op table
+    python benchmarks/bench_generation.py --smollm2 --batch 16 --new-tokens 64   # a real checkpoint
+
+``--smollm2``: SmolLM2-135M-Instruct (GQA 9/3 heads, tied head; ``get_smollm2``'s cached
+conversion) on chat-template prompts of varying length, greedy, every row stopping at its first
+stop id (``<|im_end|>``) or after ``--new-tokens``: transformers' ``generate`` on
+``AutoModelForCausalLM`` vs ``generate_responses`` on the torchtune-native model, with the same
+prompts and the same stopping. Tokens/s counts each contender's own generated tokens (greedy:
+the same up to floating-point ties; both counts are printed).
 """
 
 import argparse
@@ -222,6 +230,63 @@ def machine_line(args):
             f"torchtune={torchtune.__version__} python={platform.python_version()}")
 
 
+def smollm2_case(args):
+    """Real checkpoint, early stopping (module docstring, ``--smollm2``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distillm_tune.models import load_hf, load_hf_tokenizer
+    from distillm_tune.models.tokenizer import stop_ids
+    from distillm_tune.scripts.get_smollm2 import get_smollm2
+    from distillm_tune.sgo.sampler import generate_responses
+
+    path = get_smollm2(os.path.expanduser("~/.cache/distillm_tune/smollm2-135m-instruct"))
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ours = load_hf(path).eval()
+    hf_tok, tok = AutoTokenizer.from_pretrained(path), load_hf_tokenizer(path)
+    questions = ["Name a fruit.", "What is 7 plus 5?", "Write one sentence about the sea.",
+                 "List three colours, separated by commas.", "Explain in two sentences why the sky is blue.",
+                 "Translate 'good morning' into French.", "Give a synonym of happy.",
+                 "Describe a cat in one short paragraph."]
+    prompts = [hf_tok.apply_chat_template([{"role": "user", "content": questions[i % len(questions)]}],
+                                          add_generation_prompt=True, tokenize=True) for i in range(args.batch)]
+    prompts = [list(p["input_ids"] if isinstance(p, dict) or hasattr(p, "keys") else p) for p in prompts]
+    eos, pad = sorted(stop_ids(tok)), tok.pad_id
+    longest = max(map(len, prompts))
+    ids = torch.full((len(prompts), longest), pad)
+    attn = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, longest - len(p):], attn[i, longest - len(p):] = torch.tensor(p), 1
+
+    def run_hf():
+        with torch.no_grad():
+            out = hf.generate(input_ids=ids, attention_mask=attn, do_sample=False, max_new_tokens=args.new_tokens,
+                              eos_token_id=eos, pad_token_id=pad)[:, longest:].tolist()
+        return sum(next((i + 1 for i, t in enumerate(row) if t in eos), len(row)) for row in out)
+
+    def run_ours():
+        res = generate_responses(ours, prompts, max_new_tokens=args.new_tokens, eos_ids=eos, pad_id=pad,
+                                 temperature=0.0)
+        return sum(len(r["response"]) for r in res)
+
+    names = ["hf", "ours"]
+    times, _, counts = time_interleaved({"hf": run_hf, "ours": run_ours}, names, torch.device("cpu"),
+                                        args.warmup, args.repeats)
+    print(f"model: SmolLM2-135M-Instruct (30 layers x 576, 9 query / 3 key-value heads, tied head, V=49152); "
+          f"batch {args.batch} chat prompts of {min(map(len, prompts))}..{longest} tokens, greedy, stop at "
+          f"{eos} or {args.new_tokens} new tokens; cpu fp32")
+    print(f"machine: {machine_line(args)}; load average now {os.getloadavg()[0]:.2f}")
+    print(f"generated tokens per call: transformers {counts['hf']}, ours {counts['ours']} "
+          f"(of {args.batch * args.new_tokens} at most)\n")
+    print("| contender | median s | tokens/s | x transformers | x tf per round |")
+    print("|---|---:|---:|---:|---:|")
+    base = statistics.median(times["hf"])
+    for k in names:
+        med = statistics.median(times[k])
+        per_round = statistics.median((counts[k] / t) / (counts["hf"] / h) for h, t in zip(times["hf"], times[k]))
+        print(f"| {LABELS[k]} | {med:.3f} | {counts[k] / med:.1f} | {(counts[k] / med) / (counts['hf'] / base):.2f} "
+              f"| {per_round:.2f} |")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", action="store_true", help="2 layers x 128 wide, 4 heads (quick)")
@@ -242,10 +307,13 @@ def main():
     ap.add_argument("--cpu-memory", action="store_true",
                     help="CPU: also measure peak RSS growth, one subprocess per contender")
     ap.add_argument("--memory-case", choices=CONTENDERS, help=argparse.SUPPRESS)
+    ap.add_argument("--smollm2", action="store_true", help="the real-checkpoint case (see the module docstring)")
     args = ap.parse_args()
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.smollm2:
+        return smollm2_case(args)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     hf, tt, config = build_models(args, device, dtype)
     runners = make_runners(args, hf, tt, device, dtype)

@@ -4,10 +4,11 @@ import torch
 import torch.distributed as dist
 
 
-def sample_next_token(logits, temperature=1.0, top_k=None, top_p=1.0, generator=None, greedy=False):
+def sample_next_token(logits, temperature=1.0, top_k=None, top_p=1.0, generator=None, greedy=False, uniforms=None):
     """Next ids ``[B]`` from logits ``[B, V]``: argmax when greedy or temperature == 0, else
     temperature -> top-k -> top-p (nucleus: keep the most likely tokens until their mass reaches
-    top_p; HF's tie rule) -> a draw from the remaining distribution with ``generator``."""
+    top_p; HF's tie rule) -> a draw from the remaining distribution with ``generator`` (or with
+    ``uniforms`` ``[B, 1]`` float64 in [0, 1) drawn by the caller)."""
     if greedy or temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() if temperature == 1.0 else logits.float() / temperature
@@ -25,7 +26,8 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=1.0, generator=
     # The running sum is float64 so rounding over 50k terms cannot move mass between tokens, and
     # right=True never lands on a zero-probability token.
     cdf = logits.softmax(-1, dtype=torch.float64).cumsum_(-1)
-    u = torch.rand((cdf.shape[0], 1), generator=generator, device=cdf.device, dtype=torch.float64)
+    u = uniforms if uniforms is not None else torch.rand((cdf.shape[0], 1), generator=generator, device=cdf.device,
+                                                        dtype=torch.float64)
     return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_max_(cdf.shape[-1] - 1).squeeze(-1)
 
 

@@ -8,6 +8,11 @@ Generation dominates the cost of on-policy KD (paper Fig. 2), so this sampler di
   so even the prompt pass projects a single position onto the vocabulary;
 - the model is switched to eval mode (dropout, LoRA dropout off) and every module's mode is
   restored afterwards; KV caches are set up for the call and deleted afterwards;
+- rows that produced EOS leave the batch (their KV-cache rows are dropped once a quarter of the
+  batch has finished, so the copy is amortised): real prompts stop at different lengths, and
+  finished rows would otherwise cost a full forward each step. The random draws stay those of the
+  whole batch (one uniform per original row per step), so the outputs do not depend on when rows
+  are dropped;
 - generation stops at EOS per row, and the batch stops when all rows are done. Under
   ``torch.distributed`` the "all done" flag is all-reduced, so every rank runs the same number of
   forward passes: FSDP2 (``reshard_after_forward=True``) all-gathers parameters inside every
@@ -23,6 +28,7 @@ from typing import Dict, Iterable, List, Optional
 
 import torch
 from torch import nn
+from torchtune.modules import KVCache
 from torchtune.modules.common_utils import local_kv_cache
 
 from distillm_tune.generation import all_ranks_done, sample_next_token
@@ -104,24 +110,38 @@ def generate_responses(
             model, batch_size=bsz, device=device, dtype=cache_dtype, decoder_max_seq_len=total
         ), _last_position_only(model):
             logits = _last_logits(model(tokens, mask=prefill_mask, input_pos=positions[:, :plen]))
+            caches = [m for m in model.modules() if isinstance(m, KVCache)]
             out = torch.full((bsz, max_new_tokens), pad_id, dtype=torch.long, device=device)
             done = torch.zeros(bsz, dtype=torch.bool, device=device)
+            rows = torch.arange(bsz, device=device)  # the original row of each row in the batch
+            greedy = temperature == 0
             local_done = False
             for t in range(max_new_tokens):
                 if local_done:  # only stepping for the other ranks: feed pads, draw no randomness
-                    nxt = out[:, t]
+                    nxt = torch.full((len(rows),), pad_id, dtype=torch.long, device=device)
                 else:
-                    nxt = sample_next_token(logits, temperature, top_k, top_p, generator)
-                    nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-                    out[:, t] = nxt
-                    done |= torch.isin(nxt, eos)
+                    draws = None if greedy else torch.rand((bsz, 1), generator=generator, device=device,
+                                                           dtype=torch.float64)[rows]
+                    nxt = sample_next_token(logits, temperature, top_k, top_p, generator, uniforms=draws)
+                    nxt = torch.where(done[rows], torch.full_like(nxt, pad_id), nxt)
+                    out[rows, t] = nxt
+                    done[rows] |= torch.isin(nxt, eos)
                     local_done = bool(done.all())
                 if t == max_new_tokens - 1 or all_ranks_done(local_done, device, sync_across_ranks):
                     break
+                finished = done[rows]
+                n_finished = int(finished.sum())
+                if n_finished and (4 * n_finished >= len(rows) or local_done) and len(rows) > 1:
+                    # keep one row when all are done: the forwards continue for the other ranks
+                    keep = ~finished if not local_done else torch.arange(len(rows), device=device) == 0
+                    rows, nxt = rows[keep], nxt[keep]
+                    for cache in caches:
+                        cache.k_cache, cache.v_cache = cache.k_cache[keep], cache.v_cache[keep]
+                        cache.batch_size = len(rows)
                 pos = plen + t  # sequence index of the token fed now
-                step_mask = ((cols <= pos)[None, :] & real)[:, None, :]
+                step_mask = ((cols <= pos)[None, :] & real[rows])[:, None, :]
                 logits = _last_logits(
-                    model(nxt[:, None], mask=step_mask, input_pos=positions[:, pos : pos + 1])
+                    model(nxt[:, None], mask=step_mask, input_pos=positions[rows, pos : pos + 1])
                 )
     finally:
         for m, was_training in modes:

@@ -46,6 +46,48 @@ def test_greedy_cached_batch_equals_uncached_reference():
     assert [g["response"] for g in got] == expected
 
 
+@torch.no_grad()
+def _reference_sampled(model, prompts, max_new, eos, seed):
+    """Uncached, unbatched sampling that draws one uniform per prompt per step, as the batched
+    sampler does for its whole batch: full forward on each growing sequence, no rows dropped."""
+    g = torch.Generator().manual_seed(seed)
+    seqs, outs, done = [list(p) for p in prompts], [[] for _ in prompts], [False] * len(prompts)
+    for _ in range(max_new):
+        draws = torch.rand((len(prompts), 1), generator=g, dtype=torch.float64)
+        for i in range(len(prompts)):
+            if done[i]:
+                continue
+            logits = model(torch.tensor([seqs[i]]))[0, -1:]
+            tok = int(sample_next_token(logits, uniforms=draws[i : i + 1])[0])
+            outs[i].append(tok)
+            seqs[i].append(tok)
+            done[i] = tok in eos
+        if all(done):
+            break
+    return outs
+
+
+def test_finished_rows_leave_the_batch_and_sampling_is_unchanged():
+    model = _model()
+    prompts = PROMPTS * 3  # 12 rows
+    free = _reference_sampled(model, prompts, 16, set(), seed=5)
+    # the EOS: the token the rows emit most often in the first 8 steps -> rows stop at different steps
+    counts = torch.bincount(torch.tensor([t for row in free for t in row[:8]]), minlength=VOCAB)
+    eos = {int(counts.argmax())}
+    expected = _reference_sampled(model, prompts, 16, eos, seed=5)
+    lengths = sorted(len(e) for e in expected)
+    assert lengths[0] < lengths[-1] and sum(length < 16 for length in lengths) >= 3, lengths
+
+    batch_sizes = []
+    hook = model.register_forward_pre_hook(lambda m, args: batch_sizes.append(args[0].shape[0]))
+    got = generate_responses(model, prompts, max_new_tokens=16, eos_ids=eos, pad_id=PAD,
+                             generator=torch.Generator().manual_seed(5))
+    hook.remove()
+    assert [g["response"] for g in got] == expected
+    assert batch_sizes[0] == 12 and min(batch_sizes) < 12  # finished rows were dropped
+    assert batch_sizes == sorted(batch_sizes, reverse=True)
+
+
 def test_only_last_position_is_projected_to_vocab():
     model = _model()
     shapes = []
