@@ -189,8 +189,13 @@ def test_two_processes_give_the_run_of_one(tiny_assets, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     double = read_metrics(str(tmp_path / "two"))
     assert [r["step"] for r in double] == [r["step"] for r in single]
-    assert_same_losses(double, single, rel=1e-5,
-                       keys=("loss", "loss_skl", "loss_srkl", "gap_teacher", "alpha_t_mean", "alpha_s_min", "b"))
+    assert_same_losses(double, single, rel=1e-5, keys=("loss", "loss_skl", "loss_srkl", "b"))
+    for a, b in zip(double, single):  # differences of nearly equal probabilities: absolute
+        assert a["gap_teacher"] == pytest.approx(b["gap_teacher"], rel=0, abs=1e-8)
+        assert a["gap_student"] == pytest.approx(b["gap_student"], rel=0, abs=1e-8)
+    # alpha = 1 - 0.9 m / (gap + 1e-5) with gaps of order 1e-4 on these random tiny models: the
+    # sharded forward's last-bit differences in p-bar and q-bar are amplified ~100x
+    assert_same_losses(double, single, rel=1e-4, keys=("alpha_t_mean", "alpha_t_min", "alpha_s_mean", "alpha_s_min"))
     assert_same_weights(tmp_path / "two", tmp_path / "one", rtol=1e-4, atol=1e-5)
 
 
