@@ -668,16 +668,19 @@ class KDOffPolicyRecipe:
         body = response[:-1] if response and response[-1] in stops else list(response)
         return body[: max(0, int(self.cfg.max_seq_len) - len(prompt) - 1)] + end
 
-    def _ensure_student_responses(self) -> float:
+    def _ensure_student_responses(self, order: torch.Tensor) -> float:
         """distillm2, at the start of every epoch (DISTILLM2_SPEC §1.2, Alg. 1 lines 3-7): one response
-        per training prompt from the current student; none inside an epoch. Returns the seconds spent.
+        per prompt the epoch trains on (every prompt, unless max_steps_per_epoch ends the epoch
+        early: the others would never be read) from the current student; none inside an epoch.
+        Returns the seconds spent.
 
-        Batch j of ``batch_size x world_size`` prompts (dataset order) is sampled by rank j mod world_size with a
-        generator seeded by (seed, epoch, j), then all ranks gather all responses: the responses do
-        not depend on the number of processes, and every rank runs the same number of generate
-        calls (a rank without a batch left repeats batch 0 and discards it: FSDP's lockstep). Kept
-        in the checkpoint, so a resumed run trains on the responses of its epoch. Before
-        ``sgo.start_after_steps`` no response is sampled and the SRKL term is off for the epoch.
+        Batch j is the epoch's global micro-batch j (``batch_size x world_size`` prompts), sampled by
+        rank j mod world_size with a generator seeded by (seed, epoch, j); then all ranks gather all
+        responses. So the responses do not depend on the number of processes, and every rank runs
+        the same number of generate calls (a rank without a batch left repeats batch 0 and discards
+        it: FSDP's lockstep). Kept in the checkpoint, so a resumed run trains on the responses of
+        its epoch. Before ``sgo.start_after_steps`` no response is sampled and the SRKL term is off
+        for the epoch.
         """
         if self.responses_epoch == self.epoch:
             return 0.0
@@ -685,9 +688,9 @@ class KDOffPolicyRecipe:
         if self.global_step < self.sgo_start:
             self.student_responses, self.responses_epoch = None, self.epoch
             return 0.0
-        # batches of the global batch size: the same batches (and seeds) on 1 or N processes
         n, bs = len(self.train_data), self.batch_size * self.world_size
-        batches = [list(range(i, min(i + bs, n))) for i in range(0, n, bs)]
+        used = [int(i) for i in order[: self.steps_per_epoch * self.grad_accum * bs]]
+        batches = [used[i : i + bs] for i in range(0, len(used), bs)]
         mine: Dict[int, List[List[int]]] = {}
         for r in range(math.ceil(len(batches) / self.world_size)):
             j = r * self.world_size + self.rank
@@ -710,7 +713,7 @@ class KDOffPolicyRecipe:
         self.student_responses, self.responses_epoch = responses, self.epoch
         if self.is_rank_zero:
             bad = sum(self._degenerate_rows(responses))
-            log.info(f"distillm2 epoch {self.epoch + 1}: sampled {n} student responses ({bad} degenerate) "
+            log.info(f"distillm2 epoch {self.epoch + 1}: sampled {len(used)} student responses ({bad} degenerate) "
                      f"in {time.perf_counter() - t0:.1f}s")
         return time.perf_counter() - t0
 
@@ -994,7 +997,7 @@ class KDOffPolicyRecipe:
         while self.epoch < int(cfg.epochs):
             order = self._epoch_order(self.epoch)
             # distillm2: this epoch's student responses (restored ones after a resume inside it)
-            sampling_time = self._ensure_student_responses() if self.d2 is not None else 0.0
+            sampling_time = self._ensure_student_responses(order) if self.d2 is not None else 0.0
             while self.step_in_epoch < self.steps_per_epoch:
                 t0 = time.perf_counter() - sampling_time  # the epoch's sampling counts into its first step's time
                 metrics = self._train_step(order)
@@ -1167,13 +1170,14 @@ class KDOffPolicyRecipe:
         return path
 
     def _distillm2_state(self) -> Dict[str, Any]:
-        """The round's student responses (flat int32 ids + offsets; -1 offsets: none) and anchors:
-        they came from a student that no longer exists, so resume must read them, not resample."""
+        """The round's student responses (flat int32 ids + lengths; length -1: no response, a prompt
+        the epoch does not train on) and anchors: they came from a student that no longer exists,
+        so resume must read them, not resample."""
         responses = self.student_responses
         state: Dict[str, Any] = {"responses_epoch": self.responses_epoch, "anchors": self.d2_anchors, "responses": None}
         if responses is not None:
-            lengths = torch.tensor([len(r) for r in responses], dtype=torch.int64)
-            flat = [t for r in responses for t in r]
+            lengths = torch.tensor([-1 if r is None else len(r) for r in responses], dtype=torch.int64)
+            flat = [t for r in responses if r is not None for t in r]
             state["responses"] = {"ids": torch.tensor(flat, dtype=torch.int32), "lengths": lengths}
         return state
 
@@ -1183,9 +1187,9 @@ class KDOffPolicyRecipe:
         if packed is None:
             self.student_responses = None
             return
-        ids = packed["ids"].tolist()
-        bounds = [0] + torch.cumsum(packed["lengths"], 0).tolist()
-        self.student_responses = [ids[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        ids, lengths = packed["ids"].tolist(), packed["lengths"].tolist()
+        bounds = [0] + torch.cumsum(packed["lengths"].clamp(min=0), 0).tolist()
+        self.student_responses = [None if n < 0 else ids[a:b] for n, a, b in zip(lengths, bounds[:-1], bounds[1:])]
         if len(self.student_responses) != len(self.train_data):
             raise _setting_error("resume_from_checkpoint", f"the checkpoint holds {len(self.student_responses)} student "
                                                            f"responses but the run pairs {len(self.train_data)} prompts")

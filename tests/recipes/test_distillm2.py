@@ -89,9 +89,9 @@ def test_pairs_share_their_prompt_and_end_in_one_eos_and_unmatched_prompts_are_d
     path.write_text("".join(json.dumps(r) + "\n" for r in half))
     recipe = _setup(tiny_assets, tmp_path / "out", *D2, f"distillm2.teacher_responses={path}")
     assert len(recipe.train_data) == len({(r["instruction"], r.get("context", "")) for r in half})
-    recipe._ensure_student_responses()
-    stops = set(stop_ids(recipe.tokenizer))
     order = recipe._epoch_order(0)
+    recipe._ensure_student_responses(order)
+    stops = set(stop_ids(recipe.tokenizer))
     for micro in range(recipe.steps_per_epoch):
         batch = recipe._pair_batch(order, micro)
         B = batch["num_pairs"]
@@ -127,7 +127,7 @@ def test_student_responses_are_sampled_once_per_epoch_from_the_current_student(t
     original_pair_batch = recipe._pair_batch
 
     def pair_batch(order, micro_index):
-        seen.setdefault(recipe.epoch, []).append([list(r) for r in recipe.student_responses])
+        seen.setdefault(recipe.epoch, []).append(list(recipe.student_responses))
         return original_pair_batch(order, micro_index)
 
     recipe._pair_batch = pair_batch
@@ -143,7 +143,8 @@ def test_student_responses_are_sampled_once_per_epoch_from_the_current_student(t
     recipe._train_step = train_step
     recipe.train()
     recipe.cleanup()
-    steps, n_batches = recipe.steps_per_epoch, math.ceil(len(recipe.train_data) / 4)
+    # one generate call per global micro-batch of the epoch (its prompts only: max_steps_per_epoch=3)
+    steps, n_batches = recipe.steps_per_epoch, recipe.steps_per_epoch
     assert [c[:2] for c in calls] == [(e * steps, e) for e in range(3) for _ in range(n_batches)]
     for e in (1, 2):
         assert all(c[2] == pytest.approx(weights_at_epoch_end[e - 1], rel=1e-12) for c in calls if c[1] == e)
@@ -151,6 +152,9 @@ def test_student_responses_are_sampled_once_per_epoch_from_the_current_student(t
     for e in range(3):  # one set of responses per epoch, and a new one each epoch
         assert all(r == seen[e][0] for r in seen[e])
     assert seen[0][0] != seen[1][0] != seen[2][0]
+    for e in range(3):  # responses exactly for the prompts the epoch trains on
+        used = set(recipe._epoch_order(e)[: steps * 4].tolist())
+        assert {i for i, r in enumerate(seen[e][0]) if r is not None} == used
 
 
 RESUME = [*FULL, "save_every_n_steps=2", "optimizer.lr=5e-3", "lr_scheduler.min_lr=5e-3"]
