@@ -233,7 +233,7 @@ class KDOffPolicyRecipe:
         for key in ("curriculum_alpha", "gradual_beta"):
             if d2.get(key, None) is not None:
                 out[key] = bool(d2[key])
-        out["alpha_min"] = float(d2.get("alpha_min", 0.01) if d2.get("alpha_min", None) is not None else 0.01)
+        out["alpha_min"] = float(0.01 if d2.get("alpha_min", None) is None else d2["alpha_min"])
         out["teacher_responses"] = d2.get("teacher_responses", None)
         if self.kd_ratio != 1.0:
             raise _setting_error("kd_ratio", f"method=distillm2 has no cross-entropy term; expected 1.0, got {self.kd_ratio}")

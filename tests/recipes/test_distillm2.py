@@ -101,6 +101,13 @@ def test_pairs_share_their_prompt_and_end_in_one_eos_and_unmatched_prompts_are_d
             assert labelled[-1] in stops and not stops & set(labelled[:-1])  # exactly one stop token, last
             n_prompt = len(batch["prompts"][i])
             assert batch["tokens"][i, n_prompt : n_prompt + len(labelled)].tolist() == labelled
+    # the documented truncation: a response that ran to the limit is cut to fit max_seq_len and ends
+    # in one appended EOS; one that ended in a stop token keeps it (and only it)
+    prompt, eos, limit = batch["prompts"][0], recipe.tokenizer.eos_id, recipe.cfg.max_seq_len
+    long = recipe._with_one_eos(prompt, [5] * 500)
+    assert len(prompt) + len(long) == limit and long[-1] == eos and long[:-1] == [5] * (limit - len(prompt) - 1)
+    assert recipe._with_one_eos(prompt, [5, 6, eos]) == [5, 6, eos]
+    assert recipe._with_one_eos(prompt, [5, 6]) == [5, 6, eos]
     recipe.cleanup()
     with pytest.raises(ValueError, match="config distillm2.teacher_responses: .*does not exist"):
         _setup(tiny_assets, tmp_path / "out2", *D2, f"distillm2.teacher_responses={tmp_path / 'nope.jsonl'}")
@@ -155,6 +162,15 @@ def test_student_responses_are_sampled_once_per_epoch_from_the_current_student(t
     for e in range(3):  # responses exactly for the prompts the epoch trains on
         used = set(recipe._epoch_order(e)[: steps * 4].tolist())
         assert {i for i, r in enumerate(seen[e][0]) if r is not None} == used
+
+
+def test_lora_student_trains_and_exports_an_adapter(tiny_assets, tmp_path):
+    from conftest import LORA
+
+    _, rows = run_recipe(tiny_assets, str(tmp_path), *FULL, LORA, "optimizer.lr=5e-2")
+    assert all(math.isfinite(r["loss"]) for r in rows) and rows[-1]["loss"] != rows[0]["loss"]
+    assert (tmp_path / "peft_adapter" / "adapter_config.json").is_file()
+    assert (tmp_path / "hf_model" / "model.safetensors").is_file()
 
 
 RESUME = [*FULL, "save_every_n_steps=2", "optimizer.lr=5e-3", "lr_scheduler.min_lr=5e-3"]
