@@ -164,6 +164,16 @@ def test_student_responses_are_sampled_once_per_epoch_from_the_current_student(t
         assert {i for i, r in enumerate(seen[e][0]) if r is not None} == used
 
 
+def test_gradient_accumulation_gives_the_step_of_one_big_batch(tiny_assets, tmp_path):
+    """The loss is the mean over the step's pairs, whatever the micro-batches (greedy sampling, so
+    the responses do not depend on how prompts are batched for generation)."""
+    greedy = [*FULL, "sgo.temperature=0.0", "guards.degenerate_sgo=keep"]  # greedy tiny students loop
+    _, one = run_recipe(tiny_assets, str(tmp_path / "one"), *greedy)
+    _, two = run_recipe(tiny_assets, str(tmp_path / "two"), *greedy, "batch_size=2", "gradient_accumulation_steps=2")
+    assert_same_losses(two, one, rel=1e-5, keys=("loss", "loss_skl", "loss_srkl", "b", "alpha_t_mean", "alpha_s_mean"))
+    assert_same_weights(tmp_path / "two", tmp_path / "one", rtol=1e-4, atol=1e-5)
+
+
 def test_lora_student_trains_and_exports_an_adapter(tiny_assets, tmp_path):
     from conftest import LORA
 
