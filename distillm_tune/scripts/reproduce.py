@@ -404,10 +404,14 @@ def summarize_run(seed_dirs: Dict[int, str]) -> Dict[str, Any]:
         res = _read_json(os.path.join(d, "result.json"))
         rows = read_metrics(os.path.join(d, "metrics.jsonl"))
         step_rows = [r for r in rows if "step_time" in r]
-        times = [float(r["step_time"]) for r in step_rows]
+        # distillm2 samples the student's responses at each epoch start, outside its steps' time:
+        # that sampling is training time too, counted where it happened
+        times = [float(r["step_time"]) + float(r.get("student_sampling_time", 0.0)) for r in step_rows]
+        generating = [float(r.get("gen_time_share", 0.0)) * float(r["step_time"]) + float(r.get("student_sampling_time", 0.0))
+                      for r in step_rows]
         val, elapsed = [], 0.0
-        for r in step_rows:
-            elapsed += float(r["step_time"])
+        for r, t in zip(step_rows, times):
+            elapsed += t
             if "val_rouge_l" in r:
                 val.append((elapsed, float(r["val_rouge_l"]), int(r["step"])))
         sampled = res.get("test_rouge_l_sampled")
@@ -420,8 +424,7 @@ def summarize_run(seed_dirs: Dict[int, str]) -> Dict[str, Any]:
             "step_time_s": sum(times) / len(times) if times else float("nan"),
             "sgo_share": _mean([r.get("source_sgo", 0.0) for r in step_rows]),
             "replay_share": _mean([r.get("source_replay", 0.0) for r in step_rows]),
-            "gen_time_share": (sum(r.get("gen_time_share", 0.0) * r["step_time"] for r in step_rows) / sum(times)
-                               if times and sum(times) > 0 else float("nan")),
+            "gen_time_share": sum(generating) / sum(times) if times and sum(times) > 0 else float("nan"),
             "final_phi": float(step_rows[-1].get("phi", 0.0)) if step_rows else float("nan"),
             "val_curve": val,
         }
@@ -584,7 +587,8 @@ def render_markdown(summary: Dict[str, Any], plots: Dict[str, str], command: str
         out += ["## Other runs", ""] + _rouge_table(summary, other) + [""]
     out += ["## Fig. 7 / Tab. 9: training time relative to KD", "",
             "Training time = sum of the recipe's `step_time` over all steps (optimizer steps including SGO "
-            "generation; validation, checkpoints and setup excluded). Ratio = mean over seeds of the run's "
+            "generation; validation, checkpoints and setup excluded), plus distillm2's sampling of the "
+            "student's responses at each epoch start (`student_sampling_time`). Ratio = mean over seeds of the run's "
             f"time / mean of `{KD_RUN}`'s (± the std of the run's per-seed times over the same KD mean).", "",
             "| run | time per step (ms) | training time (s) | × KD | paper |", "|---|---:|---:|---:|---|"]
     for n in runs:
