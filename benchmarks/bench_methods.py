@@ -18,6 +18,12 @@ reversed), so slow drift of the machine's load hits every method alike.
 at ``sgo.scheduler.phi0``: ``phi0=0.2`` is the OpenLLaMA setting (DISTILLM_SPEC §6) and the φ of the CPU
 reproduction's adaptive runs, which start there and never rose (``docs/reproduction.md``); ``phi0=1`` is the most student
 generation the schedule can ask for (every step uses SGO; with λ_R = 1 − t/T the rest replay).
+
+``distillm2`` (code_faithful preset; one epoch, so paper_full would differ only by b) samples the
+student's responses to the epoch's prompts once, at its start (``student_sampling_time``), and every
+step runs both models on 2B rows (B teacher + B student responses). Its s / step is the mean step
+time plus the epoch's sampling time spread over the run's steps; its teacher responses (generated
+once, before training, like SeqKD's) are not counted.
 """
 
 import argparse
@@ -35,6 +41,7 @@ RUNS = [
     ("gkd", ["method=gkd"]),
     ("distillm (phi0=0.2)", ["method=distillm", "sgo.scheduler.phi0=0.2"]),
     ("distillm (phi0=1)", ["method=distillm", "sgo.scheduler.phi0=1.0"]),
+    ("distillm2", ["method=distillm2"]),
 ]
 
 
@@ -104,6 +111,13 @@ def main():
         for name, overrides in order:
             out = os.path.join(work, f"r{rnd}_" + name.replace(" ", "_"))
             rows = run(assets, out, common + [f"seed={args.seed + rnd}"] + overrides)
+            sampling = sum(r.get("student_sampling_time", 0.0) for r in rows)  # distillm2, per epoch
+            for r in rows:  # spread over the run's steps: part of every step's cost
+                share = sampling / len(rows)
+                r["gen_time_share"] = (r["gen_time_share"] * r["step_time"] + share) / (r["step_time"] + share)
+                r["step_time"] += share
+                r.setdefault("source_sgo", 1.0 if sampling else 0.0)
+                r.setdefault("source_replay", 0.0)
             rows_of[name] += rows[1:]  # the first step of a run is not counted
             print(f"  round {rnd + 1} {name}: {statistics.mean(r['step_time'] for r in rows[1:]):.3f} s/step "
                   f"(load {os.getloadavg()[0]:.2f})", flush=True)

@@ -26,12 +26,15 @@ Numerics: everything is in log space, so nothing is ever ``0 * log(0)``:
 """
 
 import math
-from typing import Tuple
+from typing import Tuple, Union
 
 import torch
 from torch import Tensor
 
 Pair = Tuple[Tensor, Tensor]
+# A skew or mixture weight: one number, or a tensor broadcasting against ``[N, V]`` (``[N, 1]``:
+# one weight per token, e.g. DistiLLM-2's per-sequence adaptive α repeated over its tokens).
+Weight = Union[float, Tensor]
 
 
 def _where(cond: Tensor, x: Tensor) -> Tensor:
@@ -48,14 +51,19 @@ def _finite(*xs: Tensor) -> Tensor:
     return out
 
 
-def log_mixture(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:
+def log_mixture(log_a: Tensor, log_b: Tensor, weight_a: Weight) -> Tensor:
     """log(w a + (1 − w) b), elementwise, without ever forming the probabilities."""
-    if weight_a == 0.0:
-        return log_b
-    if weight_a == 1.0:
-        return log_a
-    la = log_a + math.log(weight_a)
-    lb = log_b + math.log1p(-weight_a)
+    if isinstance(weight_a, Tensor):
+        w = weight_a.to(log_a.dtype)
+        la = log_a + torch.log(w)  # w = 0 gives -inf: that side drops out below
+        lb = log_b + torch.log1p(-w)
+    else:
+        if weight_a == 0.0:
+            return log_b
+        if weight_a == 1.0:
+            return log_a
+        la = log_a + math.log(weight_a)
+        lb = log_b + math.log1p(-weight_a)
     both_zero = torch.isneginf(la) & torch.isneginf(lb)
     # logaddexp(-inf, -inf) would be -inf - -inf = NaN inside; keep such entries out of it.
     mixed = torch.logaddexp(_where(~both_zero, la), _where(~both_zero, lb))
@@ -78,7 +86,7 @@ def reverse_kl(log_q: Tensor, log_p: Tensor) -> Pair:
     return (q * r).sum(-1), _where(valid, q * (r + 1.0))
 
 
-def skew_forward_kl(log_q: Tensor, log_p: Tensor, alpha: float) -> Pair:
+def skew_forward_kl(log_q: Tensor, log_p: Tensor, alpha: Weight) -> Pair:
     """SKL(α) = KL(p ‖ m), m = α p + (1 − α) q.   ∂/∂q_v = −(1 − α) p_v / m_v."""
     log_m = log_mixture(log_p, log_q, alpha)
     valid = _finite(log_p, log_m)
@@ -88,12 +96,20 @@ def skew_forward_kl(log_q: Tensor, log_p: Tensor, alpha: float) -> Pair:
     return value, qg
 
 
-def skew_reverse_kl(log_q: Tensor, log_p: Tensor, alpha: float) -> Pair:
-    """SRKL(α) = KL(q ‖ m), m = (1 − α) p + α q.   ∂/∂q_v = log(q_v/m_v) + 1 − α q_v / m_v."""
+def skew_reverse_kl(log_q: Tensor, log_p: Tensor, alpha: Weight, stop_grad_mixture: bool = False) -> Pair:
+    """SRKL(α) = KL(q ‖ m), m = (1 − α) p + α q.   ∂/∂q_v = log(q_v/m_v) + 1 − α q_v / m_v.
+
+    ``stop_grad_mixture``: the student's copy inside m is a constant, m = (1 − α) p + α sg(q)
+    (DistiLLM-2, DISTILLM2_SPEC §2.1; DistiLLM-1 differentiates through it). Same value; the last
+    term of the derivative goes: ∂/∂q_v = log(q_v/m_v) + 1, so the logit gradient is
+    q_k (g_k − Σ_v q_v g_v) with g = log q − log m.
+    """
     log_m = log_mixture(log_p, log_q, 1.0 - alpha)
     valid = _finite(log_q, log_m)
     q = log_q.exp()
     r = _where(valid, log_q - log_m)
+    if stop_grad_mixture:
+        return (q * r).sum(-1), _where(valid, q * (r + 1.0))
     return (q * r).sum(-1), _where(valid, q * (r + 1.0 - alpha * r.exp()))
 
 

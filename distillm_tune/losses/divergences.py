@@ -104,12 +104,22 @@ class Divergence(nn.Module):
     ) -> Tuple[Tensor, Optional[Tensor]]:
         """Summed divergence of ``[N, V]`` logit rows that all count, and its gradient with
         respect to the first ``vocab`` student logits (``[N, vocab]``, fp32 or wider)."""
+        values, grad = self.token_values_and_grad(student_rows, teacher_rows, vocab, need_grad)
+        return values.sum(), grad
+
+    def token_values_and_grad(
+        self, student_rows: Tensor, teacher_rows: Tensor, vocab: int, need_grad: bool = True,
+        alpha: Optional[Tensor] = None,
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        """As ``value_and_grad``, but the value of each row (``[N]``). ``alpha`` (``[N]``): a skew
+        weight per row instead of the module's ``alpha`` (skew divergences only)."""
         log_q = self.log_probs(student_rows, vocab)
         log_p = self.log_probs(teacher_rows, vocab)
-        value, qg = self.per_token(log_q, log_p)
+        extra = {} if alpha is None else {"alpha": alpha.to(log_q.dtype)[:, None]}
+        value, qg = self.per_token(log_q, log_p, **extra)
         del log_p
         grad = _math.logit_grad(log_q, qg, self.temperature) if need_grad else None
-        return value.sum(), grad
+        return value, grad
 
     def compile_kernel(self) -> None:
         """``torch.compile`` the per-chunk value and gradient (the recipe's ``compile: true``):
@@ -119,7 +129,38 @@ class Divergence(nn.Module):
     def rows_sum(self, student_rows: Tensor, teacher_rows: Tensor) -> Tensor:
         """Differentiable sum of per-token divergences over ``[N, V]`` rows that all count."""
         vocab = shared_vocab_size(student_rows.shape[-1], teacher_rows.shape[-1], self.vocab_size)
-        return _RowsDivergence.apply(student_rows, teacher_rows.detach(), self, vocab)
+        return _TokenDivergence.apply(student_rows, teacher_rows.detach(), self, vocab, None).sum()
+
+    def row_sums_and_counts(
+        self, student_logits: Logits, teacher_logits: Logits, labels: Tensor, alpha: Optional[Tensor] = None
+    ) -> Tuple[Tensor, Tensor]:
+        """Per sequence: the divergence summed over its unmasked tokens (``[B]``, differentiable)
+        and their number (``[B]``). ``alpha`` (``[B]``, no gradient): one skew weight per
+        sequence in place of the module's ``alpha`` (skew divergences only: DistiLLM-2's
+        adaptive α)."""
+        if alpha is not None:
+            if not hasattr(self, "alpha"):
+                raise ValueError(f"{type(self).__name__} has no skew alpha; a per-sequence alpha needs SKL or SRKL")
+            if alpha.shape != labels.shape[:1]:
+                raise ValueError(f"alpha has shape {tuple(alpha.shape)}; expected one per sequence {tuple(labels.shape[:1])}")
+            alpha = alpha.detach()
+            if not bool(((alpha >= 0) & (alpha < 1)).all()):
+                raise ValueError(f"alpha must lie in [0, 1), got {alpha.tolist()}")
+        s_chunks, t_chunks, l_chunks = _align_chunks(student_logits, teacher_logits, labels)
+        if labels.dim() != 2:
+            raise ValueError(f"per-sequence sums need [B, S] labels, got shape {tuple(labels.shape)}")
+        rows = torch.arange(labels.shape[0], device=labels.device)
+        sums, counts = None, (labels != self.ignore_index).sum(-1)
+        for s, t, lab in zip(s_chunks, t_chunks, l_chunks):
+            keep = lab != self.ignore_index
+            row_of = rows[:, None].expand_as(lab)[keep]
+            s_rows, t_rows = s[keep], t[keep]
+            vocab = shared_vocab_size(s_rows.shape[-1], t_rows.shape[-1], self.vocab_size)
+            token_alpha = None if alpha is None else alpha.to(row_of.device)[row_of]
+            values = _TokenDivergence.apply(s_rows, t_rows.detach(), self, vocab, token_alpha)
+            part = torch.zeros(labels.shape[0], dtype=values.dtype, device=values.device).index_add(0, row_of.to(values.device), values)
+            sums = part if sums is None else sums + part
+        return sums, counts.to(sums.device)
 
     def sum_and_count(
         self, student_logits: Logits, teacher_logits: Logits, labels: Tensor
@@ -143,24 +184,25 @@ class Divergence(nn.Module):
         return total / count.clamp(min=1)
 
 
-class _RowsDivergence(torch.autograd.Function):
-    """Keeps only the logits gradient for backward, not every intermediate of the formula."""
+class _TokenDivergence(torch.autograd.Function):
+    """Per-row divergence values ``[N]``; keeps only the logits gradient for backward, not every
+    intermediate of the formula."""
 
     @staticmethod
-    def forward(ctx, student_rows, teacher_rows, divergence, vocab):
-        total, grad = divergence.value_and_grad(
-            student_rows, teacher_rows, vocab, need_grad=ctx.needs_input_grad[0]
+    def forward(ctx, student_rows, teacher_rows, divergence, vocab, alpha):
+        values, grad = divergence.token_values_and_grad(
+            student_rows, teacher_rows, vocab, need_grad=ctx.needs_input_grad[0], alpha=alpha
         )
         if grad is not None:
             if vocab < student_rows.shape[-1]:  # padded embedding rows get no gradient
                 grad = nn.functional.pad(grad, (0, student_rows.shape[-1] - vocab))
             ctx.save_for_backward(grad.to(student_rows.dtype))
-        return total
+        return values
 
     @staticmethod
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
-        return grad * grad_out.to(grad.dtype), None, None, None
+        return grad * grad_out.to(grad.dtype)[:, None], None, None, None, None
 
 
 def _as_chunks(x: Logits) -> List[Tensor]:
@@ -228,19 +270,27 @@ class SkewForwardKLLoss(Divergence):
         super().__init__(**kwargs)
         self.alpha = _check_alpha(alpha)
 
-    def per_token(self, log_q: Tensor, log_p: Tensor) -> Tuple[Tensor, Tensor]:
-        return _math.skew_forward_kl(log_q, log_p, self.alpha)
+    def per_token(self, log_q: Tensor, log_p: Tensor, alpha=None) -> Tuple[Tensor, Tensor]:
+        return _math.skew_forward_kl(log_q, log_p, self.alpha if alpha is None else alpha)
 
 
 class SkewReverseKLLoss(Divergence):
-    """SRKL(α) = KL(q ‖ (1 − α) p + α q); α = 0 is reverse KL. Paper default α = 0.1."""
+    """SRKL(α) = KL(q ‖ (1 − α) p + α q); α = 0 is reverse KL. Paper default α = 0.1.
 
-    def __init__(self, alpha: float = 0.1, **kwargs):
+    ``stop_grad_mixture=True``: the student's copy inside the mixture is a constant,
+    KL(q ‖ (1 − α) p + α sg(q)), as DistiLLM-2 trains it (same value, another gradient;
+    DISTILLM2_SPEC §2.1). The default differentiates through it, as DistiLLM-1 does.
+    """
+
+    def __init__(self, alpha: float = 0.1, stop_grad_mixture: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.alpha = _check_alpha(alpha)
+        if not isinstance(stop_grad_mixture, bool):
+            raise ValueError(f"stop_grad_mixture must be true or false, got {stop_grad_mixture!r}")
+        self.stop_grad_mixture = stop_grad_mixture
 
-    def per_token(self, log_q: Tensor, log_p: Tensor) -> Tuple[Tensor, Tensor]:
-        return _math.skew_reverse_kl(log_q, log_p, self.alpha)
+    def per_token(self, log_q: Tensor, log_p: Tensor, alpha=None) -> Tuple[Tensor, Tensor]:
+        return _math.skew_reverse_kl(log_q, log_p, self.alpha if alpha is None else alpha, self.stop_grad_mixture)
 
 
 class JSDLoss(Divergence):

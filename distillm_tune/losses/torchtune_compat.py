@@ -25,6 +25,7 @@ from typing import Any, Dict, Optional, Tuple, Type
 from torch import Tensor, nn
 
 from distillm_tune.losses import _math
+from distillm_tune.losses.contrastive import DistiLLM2Loss
 from distillm_tune.losses.divergences import (
     DIVERGENCES,
     Divergence,
@@ -121,8 +122,8 @@ def adapt_loss_config(loss_cfg: Dict[str, Any]) -> Tuple[Dict[str, Any], Optiona
         component = _get_component_from_path(path)
     except Exception as e:  # noqa: BLE001 - torchtune raises InstantiationError, ValueError, ...
         raise _refuse("loss._component_", f"{path!r} cannot be imported: {e}") from None
-    if inspect.isclass(component) and issubclass(component, Divergence):
-        return loss_cfg, None
+    if inspect.isclass(component) and issubclass(component, (Divergence, DistiLLM2Loss)):
+        return loss_cfg, None  # ours (the recipe checks that DistiLLM2Loss goes with method=distillm2)
     tt_name = _torchtune_name(component)
     if tt_name in TORCHTUNE_REFUSED:
         raise _refuse("loss._component_", f"{path} ({_qualname(component)}) is not a teacher-student "

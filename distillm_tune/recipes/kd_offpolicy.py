@@ -7,6 +7,9 @@
 One recipe for the paper's method and its baselines: ``method`` picks the data policy
 (``sft``, ``kd``, ``seqkd``, ``imitkd``, ``gkd``, ``distillm``) and, unless ``loss._component_``
 is set, the divergence (see ``METHOD_LOSSES``); any divergence works with any policy.
+``method=distillm2`` (DistiLLM-2, DISTILLM2_SPEC) trains on pairs instead: each batch holds B
+teacher responses and the student's own responses to the same B prompts, sampled from the current
+student at the start of every epoch, with ``DistiLLM2Loss`` (see ``_distillm2_sums``).
 
 One optimizer step, as it reads below in ``_train_step``:
   for each micro-batch: draw u (the same on every rank) -> choose dataset / fresh SGO / replay
@@ -34,13 +37,14 @@ from tqdm import tqdm
 
 from distillm_tune.data.collate import CROSS_ENTROPY_IGNORE_IDX
 from distillm_tune.data.pretrain import collate_packed
-from distillm_tune.losses import Divergence, FusedLinearDivergence
+from distillm_tune.losses import DistiLLM2Loss, Divergence, FusedLinearDivergence
+from distillm_tune.losses.contrastive import adaptive_alpha, gradual_beta_b, sequence_mean_logprob
 from distillm_tune.losses.torchtune_compat import adapt_loss_config
 from distillm_tune.losses.cross_entropy import cross_entropy_sum_and_count, linear_cross_entropy_sum_and_count
 from distillm_tune.models import LoRASettings, family_for, load_hf, load_hf_tokenizer, read_hf_config
 from distillm_tune.models.tokenizer import cut_at_stop, stop_ids
 from distillm_tune.models.hf import save_hf_state_dict, save_peft_adapter_state_dict
-from distillm_tune.sgo import SOURCES, choose_source, shared_uniform
+from distillm_tune.sgo import SGO_METHODS, SOURCES, choose_source, degenerate_reason, shared_uniform
 from distillm_tune.training import RecipeCheckpointer, all_reduce_sum, init_process_group_for
 from distillm_tune.training.checkpointing import CheckpointWriteError, free_space
 from distillm_tune.training.distributed import exit_with_launcher, run_on_rank_zero
@@ -49,7 +53,7 @@ from distillm_tune.training.output_dir import claim_output_dir
 from distillm_tune.training.quantization import model_bytes, quantize_frozen
 from distillm_tune.training.resume import apply_optimizer_changes, config_changes
 from distillm_tune.training.settings import check_schema, read_schema
-from distillm_tune.recipes.schema import KDOffPolicyConfig
+from distillm_tune.recipes.schema import DISTILLM2_PRESETS, KDOffPolicyConfig
 
 log = utils.get_logger("INFO")
 
@@ -62,7 +66,11 @@ METHOD_LOSSES = {
     # Eq. 4 convention; the paper's GKD numbers come from m = 0.1 p + 0.9 q, i.e. beta = 0.1
     "gkd": ("distillm_tune.losses.JSDLoss", {"beta": 0.1}),
     "distillm": ("distillm_tune.losses.SkewReverseKLLoss", {"alpha": 0.1}),
+    # SKL(alpha) on teacher responses + SRKL(alpha) with stop-gradient on the student's; alpha = alpha0
+    "distillm2": ("distillm_tune.losses.DistiLLM2Loss", {"alpha": 0.1}),
 }
+
+DISTILLM2_TEACHER_FILE = "distillm2_teacher_responses.jsonl"
 
 
 # torchtune recipe keys this recipe does not implement: accepted only when off.
@@ -133,6 +141,26 @@ class KDOffPolicyRecipe:
         self._nonfinite_run = 0  # consecutive skipped steps
         self.first_val_loss: Optional[float] = None
         self.diverged = False  # with guards.on_divergence=warn
+        # SGO only after this many optimizer steps (a student that is not yet sensible would
+        # train on its own gibberish); distillm2 counts it at epoch starts (_ensure_student_responses)
+        self.sgo_start = int(cfg.sgo.start_after_steps)
+        self.d2 = self._distillm2_settings(cfg) if self.method == "distillm2" else None
+
+    def _distillm2_settings(self, cfg: DictConfig) -> Dict[str, Any]:
+        """``distillm2.*``: a preset, each curriculum switchable on its own (null: the preset's)."""
+        d2 = cfg.distillm2 or OmegaConf.create({"preset": "code_faithful", "alpha_min": 0.01})
+        out = dict(DISTILLM2_PRESETS[d2.preset], preset=d2.preset)
+        for key in ("curriculum_alpha", "gradual_beta"):
+            if d2.get(key, None) is not None:
+                out[key] = bool(d2[key])
+        out["alpha_min"] = float(d2.alpha_min)
+        out["teacher_responses"] = d2.get("teacher_responses", None)
+        if self.kd_ratio != 1.0:
+            raise _setting_error("kd_ratio", f"method=distillm2 has no cross-entropy term; expected 1.0, got {self.kd_ratio}")
+        if cfg.fused_loss_chunk_size is not None:
+            raise _setting_error("fused_loss_chunk_size", "method=distillm2 needs the logits (per-sequence means and "
+                                                          "probability gaps); set it to null")
+        return out
 
     # ------------------------------------------------------------------------------------- setup
 
@@ -155,6 +183,8 @@ class KDOffPolicyRecipe:
         if teacher_dir is not None:
             self._check_same_tokenizer(student_dir, teacher_dir)
         self.train_data, self.valid_data = self._build_data()
+        if self.d2 is not None:  # before the step count: only prompts with a teacher response train
+            self.train_data = self._build_pairs(teacher_dir)
         self.lm_data, self.lm_coef, self.lm_batch_size = self._build_lm_data()
 
         self.micro_batches_per_epoch = len(self.train_data) // (self.batch_size * self.world_size)
@@ -184,7 +214,7 @@ class KDOffPolicyRecipe:
             if model is not None:
                 self.io.prepare(model, num_chunks)
         self.fused_loss = self._build_fused_loss()
-        if cfg.compile and self.loss_fn is not None:
+        if cfg.compile and isinstance(self.loss_fn, Divergence):  # DistiLLM2Loss runs eager
             self.loss_fn.compile_kernel()
 
         if resume_state is not None:
@@ -210,6 +240,12 @@ class KDOffPolicyRecipe:
             self.metric_logger.log_config(cfg)  # every torchtune metric logger records the run's config
         self.global_step, self.epoch, self.step_in_epoch = 0, 0, 0
         self.train_time = 0.0
+        # distillm2: the student's responses of the current round (one per training sample, None
+        # before SGO starts), the epoch they were sampled in, and the alpha curriculum's anchors
+        self.student_responses: Optional[List[Optional[List[int]]]] = None
+        self.responses_epoch = -1
+        self.d2_anchors: Optional[Tuple[int, float, float]] = None  # (epoch, m_t, m_s)
+        self._degenerate_warned = False
         self.best_rouge = float("-inf")
         if resume_state is not None:
             self._resume(resume_state, resume_path)
@@ -312,13 +348,20 @@ class KDOffPolicyRecipe:
         if s_cfg["vocab_size"] != real[0] or t_cfg["vocab_size"] != real[0]:
             loss_cfg.setdefault("vocab_size", real[0])
         try:
-            loss = config.instantiate(OmegaConf.create(loss_cfg))
+            loss_fn = config.instantiate(OmegaConf.create(loss_cfg))
         except (ValueError, TypeError) as e:
             raise _setting_error("loss", f"{loss_cfg}: {e}") from e
-        if not isinstance(loss, Divergence):
-            raise _setting_error("loss._component_", f"{loss_cfg['_component_']} built a {type(loss).__name__}, "
+        if self.method == "distillm2":
+            if not isinstance(loss_fn, DistiLLM2Loss):
+                raise _setting_error("loss._component_", f"method=distillm2 trains with distillm_tune.losses.DistiLLM2Loss "
+                                                         f"(SKL on teacher, SRKL on student responses), got {loss_cfg['_component_']}")
+            if self.d2["alpha_min"] > loss_fn.alpha:
+                raise _setting_error("distillm2.alpha_min", f"must not exceed alpha0 = loss.alpha = {loss_fn.alpha}, "
+                                                            f"got {self.d2['alpha_min']}")
+        elif not isinstance(loss_fn, Divergence):
+            raise _setting_error("loss._component_", f"{loss_cfg['_component_']} built a {type(loss_fn).__name__}, "
                                  "not a distillm_tune.losses.Divergence")
-        return loss
+        return loss_fn
 
     def _check_same_tokenizer(self, student_dir: str, teacher_dir: str) -> None:
         """Distillation compares the models id by id: the teacher's tokenizer must give every id
@@ -394,6 +437,55 @@ class KDOffPolicyRecipe:
         if duplicates / len(samples) > float(self.guards["max_duplicate_fraction"]) and self.is_rank_zero:
             log.warning(f"{setting}: {duplicates} of {len(samples)} samples of {source!r} are exact duplicates "
                         f"(more than guards.max_duplicate_fraction={self.guards['max_duplicate_fraction']:g})")
+
+    def _build_pairs(self, teacher_dir: str):
+        """distillm2: the training prompts that have a teacher response, each with it (DISTILLM2_SPEC
+        §1.1, §1.4). The responses come from ``distillm2.teacher_responses`` (a file written by
+        ``generate_seqkd``) or, when null, are generated once here by that same generator on rank 0
+        (sgo.temperature / sgo.top_p, seed) into output_dir. Pairing is by prompt token ids; a prompt
+        without a teacher response is dropped and counted. Tokenised like the training data, so a
+        response ends in exactly one EOS."""
+        cfg = self.cfg
+        if self.io.is_encoder_decoder:
+            raise _setting_error("method", "method=distillm2 is implemented for decoder-only models (the teacher responses "
+                                           "come from the dolly-format SeqKD generator); T5/mT5 are not supported")
+        path = self.d2["teacher_responses"]
+        if path is None:
+            path = os.path.join(str(self.output_dir), DISTILLM2_TEACHER_FILE)
+            if not (self.resuming and os.path.isfile(path)):  # resume: this run's own file
+                run_on_rank_zero(lambda: self._generate_teacher_responses(teacher_dir, path))
+        elif not os.path.isfile(str(path)):
+            raise _setting_error("distillm2.teacher_responses", f"{path!r} does not exist; expected a .jsonl written by "
+                                                                "python -m distillm_tune.scripts.generate_seqkd, or null")
+        file_cfg = OmegaConf.merge(cfg.dataset, {"source": str(path), "split": "all"})
+        responses = self._checked("distillm2.teacher_responses", config.instantiate, file_cfg, self.tokenizer)
+        by_prompt = {tuple(self.io.sample(responses[i])["prompt"]): self.io.sample(responses[i])["response"]
+                     for i in range(len(responses))}
+        pairs = []
+        for i in range(len(self.train_data)):
+            prompt = self.io.sample(self.train_data[i])["prompt"]
+            if tuple(prompt) in by_prompt:
+                pairs.append({"prompt": list(prompt), "response": list(by_prompt[tuple(prompt)])})
+        if not pairs:
+            raise _setting_error("distillm2.teacher_responses", f"{path!r} answers none of the {len(self.train_data)} "
+                                                                "training prompts (pairing is by prompt)")
+        if self.is_rank_zero:
+            log.info(f"distillm2: {len(pairs)} of {len(self.train_data)} training prompts paired with a teacher "
+                     f"response from {path} ({len(self.train_data) - len(pairs)} without one dropped)")
+        return pairs
+
+    def _generate_teacher_responses(self, teacher_dir: str, path: str) -> None:
+        from distillm_tune.scripts.generate_seqkd import generate_seqkd
+
+        d = self.cfg.dataset
+        generate_seqkd(
+            teacher_dir, str(d.source), path, batch_size=int(self.cfg.validation.get("batch_size", self.batch_size)),
+            max_prompt_len=int(self.cfg.max_prompt_len), max_seq_len=int(self.cfg.max_seq_len),
+            temperature=self.sgo_cfg["temperature"], top_p=self.sgo_cfg["top_p"], seed=self.seed,
+            split=str(d.get("split", "train")), valid_size=int(d.get("valid_size", 500)),
+            test_size=int(d.get("test_size", 500)), split_seed=int(d.get("seed", 1)),
+            dtype=self.cfg.dtype, device=str(self.device), template=str(d.get("template", "paper")),
+        )
 
     def _build_lm_data(self):
         """Optional pretraining text for the LM term (``lm.dataset``), with ``lm.coef``."""
@@ -471,20 +563,182 @@ class KDOffPolicyRecipe:
         return self.io.generate(self.student, samples, max_new_tokens=self.max_new_tokens,
                                 generator=self.sample_gen, dtype=self.dtype, device=self.device, **kwargs)
 
+    def _degenerate_rows(self, responses: List[Optional[List[int]]]) -> List[bool]:
+        """Which student responses are degenerate (empty, EOS-only, repetitive: ``sgo.guard``)."""
+        stops, limit = stop_ids(self.tokenizer), float(self.guards["max_repeated_ngram_fraction"])
+        return [r is not None and degenerate_reason(r, stops, limit) is not None for r in responses]
+
     def _prepare_micro_batch(self, order: torch.Tensor, micro_index: int) -> Tuple[str, Dict[str, Any]]:
+        u = shared_uniform(self.policy_gen)  # drawn by every method, so the policy stream never depends on it
+        if self.method == "distillm2":
+            return "pairs", self._pair_batch(order, micro_index)
         samples = self._dataset_samples(order, micro_index)
-        u = shared_uniform(self.policy_gen)
         source = choose_source(
             self.method, u, step=self.global_step, scheduler=self.scheduler,
             buffer_len=len(self.buffer), batch_size=len(samples), gkd_sgo_prob=self.gkd_sgo_prob,
         )
+        if source != "dataset" and self.global_step < self.sgo_start:
+            source = "dataset"  # sgo.start_after_steps: the student is not trusted to generate yet
+        degenerate: List[bool] = []
         if source == "sgo":
             samples = self._generate(samples)
-            if self.method == "distillm":
-                self.buffer.push(samples)
+            degenerate = self._degenerate_rows([s["response"] for s in samples])
+            if self.method == "distillm":  # never replayed later either
+                self.buffer.push([s for s, bad in zip(samples, degenerate) if not bad])
         elif source == "replay":
             samples = self.buffer.sample(len(samples), self.buffer_gen)
-        return source, self.io.collate(samples)
+        batch = self.io.collate(samples)
+        batch["n_degenerate"] = sum(degenerate)
+        if self.guards["degenerate_sgo"] == "skip":
+            for i, bad in enumerate(degenerate):
+                if bad:  # out of the loss and of the step's token count
+                    batch["labels"][i] = CROSS_ENTROPY_IGNORE_IDX
+        return source, batch
+
+    # ---------------------------------------------------------------------------- distillm2 data
+
+    def _with_one_eos(self, prompt: List[int], response: List[int]) -> List[int]:
+        """The response up to its stop token, cut to fit max_seq_len, ending in exactly one stop
+        token (EOS appended when the sampler hit max_new_tokens): DISTILLM2_SPEC §1.6, without the
+        chat-template tokens the released code also labels (§4.7)."""
+        stops = set(stop_ids(self.tokenizer))
+        end = [response[-1]] if response and response[-1] in stops else [self.tokenizer.eos_id]
+        body = response[:-1] if response and response[-1] in stops else list(response)
+        return body[: max(0, int(self.cfg.max_seq_len) - len(prompt) - 1)] + end
+
+    def _ensure_student_responses(self, order: torch.Tensor) -> float:
+        """distillm2, at the start of every epoch (DISTILLM2_SPEC §1.2, Alg. 1 lines 3-7): one response
+        per prompt the epoch trains on (every prompt, unless max_steps_per_epoch ends the epoch
+        early: the others would never be read) from the current student; none inside an epoch.
+        Returns the seconds spent.
+
+        Batch j is the epoch's global micro-batch j (``batch_size x world_size`` prompts), sampled by
+        rank j mod world_size with a generator seeded by (seed, epoch, j); then all ranks gather all
+        responses. So the responses do not depend on the number of processes, and every rank runs
+        the same number of generate calls (a rank without a batch left repeats batch 0 and discards
+        it: FSDP's lockstep). Kept in the checkpoint, so a resumed run trains on the responses of
+        its epoch. Before ``sgo.start_after_steps`` no response is sampled and the SRKL term is off
+        for the epoch.
+        """
+        if self.responses_epoch == self.epoch:
+            return 0.0
+        t0 = time.perf_counter()
+        if self.global_step < self.sgo_start:
+            self.student_responses, self.responses_epoch = None, self.epoch
+            return 0.0
+        n, bs = len(self.train_data), self.batch_size * self.world_size
+        used = [int(i) for i in order[: self.steps_per_epoch * self.grad_accum * bs]]
+        batches = [used[i : i + bs] for i in range(0, len(used), bs)]
+        mine: Dict[int, List[List[int]]] = {}
+        for r in range(math.ceil(len(batches) / self.world_size)):
+            j = r * self.world_size + self.rank
+            idx = batches[j] if j < len(batches) else batches[0]
+            gen = torch.Generator(device=self.device).manual_seed(
+                (self.seed * 1_000_003 + self.epoch * 10_007 + j) % (2**63 - 1))
+            out = self.io.generate(self.student, [self.train_data[i] for i in idx], max_new_tokens=self.max_new_tokens,
+                                   generator=gen, dtype=self.dtype, device=self.device, **self.sgo_cfg)
+            if j < len(batches):
+                mine[j] = [o["response"] for o in out]
+        parts = [mine]
+        if self.distributed:
+            parts = [None] * self.world_size
+            dist.all_gather_object(parts, mine)
+        responses: List[Optional[List[int]]] = [None] * n
+        for part in parts:
+            for j, rows in part.items():
+                for i, response in zip(batches[j], rows):
+                    responses[i] = self._with_one_eos(self.train_data[i]["prompt"], response)
+        self.student_responses, self.responses_epoch = responses, self.epoch
+        if self.is_rank_zero:
+            bad = sum(self._degenerate_rows(responses))
+            log.info(f"distillm2 epoch {self.epoch + 1}: sampled {len(used)} student responses ({bad} degenerate) "
+                     f"in {time.perf_counter() - t0:.1f}s")
+        return time.perf_counter() - t0
+
+    def _pair_batch(self, order: torch.Tensor, micro_index: int) -> Dict[str, Any]:
+        """This rank's pairs of global micro-batch ``micro_index``: B teacher-response rows, then the
+        student's responses to the same B prompts (DISTILLM2_SPEC §1.5). A student row without a
+        response (before SGO starts) or with a degenerate one (guards.degenerate_sgo=skip) is masked:
+        its pair trains on the SKL term only."""
+        g = self.batch_size * self.world_size
+        idx = [int(i) for i in order[micro_index * g : (micro_index + 1) * g][self.rank :: self.world_size]]
+        teacher = [self.train_data[i] for i in idx]
+        responses = [None if self.student_responses is None else self.student_responses[i] for i in idx]
+        degenerate = self._degenerate_rows(responses)
+        student = [{"prompt": t["prompt"], "response": r if r is not None else [self.tokenizer.eos_id]}
+                   for t, r in zip(teacher, responses)]
+        batch = self.io.collate(teacher + student)
+        skip = self.guards["degenerate_sgo"] == "skip"
+        for k, (r, bad) in enumerate(zip(responses, degenerate)):
+            if r is None or (bad and skip):
+                batch["labels"][len(idx) + k] = CROSS_ENTROPY_IGNORE_IDX
+        batch["num_pairs"] = len(idx)
+        batch["n_degenerate"] = sum(degenerate)
+        return batch
+
+    def _curriculum_active(self) -> bool:
+        # Table 11: no curriculum in the first epoch
+        return bool(self.d2["curriculum_alpha"]) and self.epoch >= 1
+
+    @torch.no_grad()
+    def _gaps(self, student_logits, teacher_logits, labels: torch.Tensor, num_pairs: int):
+        """(p̄ − q̄ on teacher rows [B], q̄ − p̄ on student rows [B], student rows that count [B])."""
+        vocab = self.loss_fn.vocab_size
+        p_bar = sequence_mean_logprob(teacher_logits, labels, vocab_size=vocab, temperature=self.loss_fn.temperature).exp()
+        q_bar = sequence_mean_logprob(student_logits, labels, vocab_size=vocab, temperature=self.loss_fn.temperature).exp()
+        kept = (labels[num_pairs:] != CROSS_ENTROPY_IGNORE_IDX).any(-1)
+        return (p_bar - q_bar)[:num_pairs], (q_bar - p_bar)[num_pairs:], kept
+
+    @torch.no_grad()
+    def _set_anchors(self, micro: List[Dict[str, Any]]) -> None:
+        """The alpha curriculum's anchors m_t = mean(p̄ − q̄) over teacher rows and m_s = mean(q̄ − p̄)
+        over student rows, of the epoch's first step (all its micro-batches, all ranks), fixed for
+        the epoch. The released code means the same but never reaches it (DISTILLM2_SPEC §4.2)."""
+        was_training = self.student.training
+        self.student.eval()
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+        for batch in micro:
+            labels = batch["labels"].to(self.device)
+            s_logits = self.io.forward(self.student, batch, self.device)
+            t_logits = self.io.forward(self.teacher, batch, self.device)
+            gap_t, gap_s, kept = self._gaps(s_logits, t_logits, labels, batch["num_pairs"])
+            sums += torch.stack([gap_t.double().sum(), torch.tensor(float(len(gap_t)), device=self.device),
+                                 (gap_s.double() * kept).sum(), kept.double().sum()])
+        self.student.train(was_training)
+        all_reduce_sum(sums)
+        m_t, m_s = float(sums[0] / sums[1].clamp(min=1)), float(sums[2] / sums[3].clamp(min=1))
+        self.d2_anchors = (self.epoch, m_t, m_s)
+        if self.is_rank_zero:
+            log.info(f"distillm2 epoch {self.epoch + 1}: alpha curriculum anchors m_t={m_t:.4g}, m_s={m_s:.4g}")
+
+    def _distillm2_sums(self, batch: Dict[str, Any]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(Σ_i L_i over the micro-batch's pairs, CE sum (logged only), statistics): one student
+        forward with gradients and one teacher forward without on all 2B rows (DISTILLM2_SPEC §5.2)."""
+        labels = batch["labels"].to(self.device)
+        B = batch["num_pairs"]
+        s_logits = self.io.forward(self.student, batch, self.device)
+        with torch.no_grad():
+            t_logits = self.io.forward(self.teacher, batch, self.device)
+        ce_sum, _ = cross_entropy_sum_and_count(s_logits, labels)
+        gap_t, gap_s, kept = self._gaps(s_logits, t_logits, labels, B)
+        alpha0, alpha_min = self.loss_fn.alpha, self.d2["alpha_min"]
+        if self._curriculum_active():
+            _, m_t, m_s = self.d2_anchors
+            alpha_t, alpha_s = adaptive_alpha(gap_t, m_t, alpha0, alpha_min), adaptive_alpha(gap_s, m_s, alpha0, alpha_min)
+        else:
+            alpha_t = alpha_s = None
+        b = gradual_beta_b(self.step_in_epoch, self.steps_per_epoch) if self.d2["gradual_beta"] else 1.0
+        terms = self.loss_fn.pair_losses(s_logits, t_logits, labels, b=b, alpha_t=alpha_t, alpha_s=alpha_s)
+        a_t = torch.full((B,), alpha0, device=self.device) if alpha_t is None else alpha_t.to(self.device)
+        a_s = torch.full((B,), alpha0, device=self.device) if alpha_s is None else alpha_s.to(self.device)
+        inf = torch.tensor(float("inf"), device=self.device)
+        stats = torch.stack([
+            terms["skl"].detach().sum(), terms["srkl"].detach().sum(), gap_t.sum(), (gap_s * kept).sum(),
+            kept.float().sum(), a_t.sum(), (a_s * kept).sum(), torch.tensor(float(batch["n_degenerate"]), device=self.device),
+            # minima and maxima, negated where needed so that one MAX all-reduce takes them all
+            -a_t.min(), a_t.max(), -torch.where(kept, a_s, inf).min(), torch.where(kept, a_s, -inf).max(),
+        ]).float()
+        return terms["loss"].sum(), ce_sum, stats
 
     def _loss_sums(self, batch: Dict[str, Any]) -> Tuple[torch.Tensor, torch.Tensor]:
         """(divergence sum, CE sum) over the batch's unmasked tokens."""
@@ -524,16 +778,27 @@ class KDOffPolicyRecipe:
         # Normalise over every token of the step, on every rank (not a mean of micro-batch means);
         # the LM term over its own tokens.
         counts = all_reduce_sum(torch.tensor(
-            [float(sum((b["labels"] != CROSS_ENTROPY_IGNORE_IDX).sum() for b in batches)) for batches in (micro, lm_batches)],
+            [float(sum((b["labels"] != CROSS_ENTROPY_IGNORE_IDX).sum() for b in batches)) for batches in (micro, lm_batches)]
+            + [float(sum(b.get("num_pairs", 0) for b in micro)), float(sum(b.get("n_degenerate", 0) for b in micro))],
             device=self.device,
         ))
         n_tokens = counts[0]
-        denom, lm_denom = counts.clamp(min=1.0)
+        denom, lm_denom = counts[:2].clamp(min=1.0)
+        # distillm2: the mean over the step's pairs (DISTILLM2_SPEC §2.3); the others: over its tokens
+        div_denom = counts[2].clamp(min=1.0) if self.d2 is not None else denom
         sums = torch.zeros(3, device=self.device)
+        d2_stats = torch.zeros(12, device=self.device) if self.d2 is not None else None
+        if self.d2 is not None and self._curriculum_active() and (self.d2_anchors is None or self.d2_anchors[0] != self.epoch):
+            self._set_anchors(micro)
         self.student.train()
         for i, batch in enumerate(micro):
-            div_sum, ce_sum = self._loss_sums(batch)
-            loss = (self.kd_ratio * div_sum + (1.0 - self.kd_ratio) * ce_sum) / denom
+            if self.d2 is not None:
+                div_sum, ce_sum, st = self._distillm2_sums(batch)
+                d2_stats[:8] += st[:8]
+                d2_stats[8:] = st[8:] if i == 0 else torch.maximum(d2_stats[8:], st[8:])
+            else:
+                div_sum, ce_sum = self._loss_sums(batch)
+            loss = (self.kd_ratio * div_sum + (1.0 - self.kd_ratio) * ce_sum) / div_denom
             lm_sum = torch.zeros((), device=self.device)
             if lm_batches:
                 lm_logits = self.student(lm_batches[i]["tokens"].to(self.device))
@@ -551,6 +816,10 @@ class KDOffPolicyRecipe:
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
         all_reduce_sum(sums)
+        if d2_stats is not None:
+            all_reduce_sum(d2_stats[:8])
+            if self.distributed:
+                dist.all_reduce(d2_stats[8:], op=dist.ReduceOp.MAX)
         # Decided on values equal on every rank (all-reduced sums, the global norm): all ranks
         # skip or stop in the same step.
         bad_term = self._nonfinite_term(sums, grad_norm)
@@ -561,7 +830,7 @@ class KDOffPolicyRecipe:
             self._on_nonfinite(bad_term, micro)
         self.optimizer.zero_grad(set_to_none=True)
         self.lr_scheduler.step()
-        div, ce = (sums[:2] / denom).tolist()
+        div, ce = float(sums[0] / div_denom), float(sums[1] / denom)
         lm = float(sums[2] / lm_denom)
         elapsed = time.perf_counter() - t0
         metrics = {
@@ -578,11 +847,42 @@ class KDOffPolicyRecipe:
         if self.method == "distillm":  # the adaptive scheduler and the replay buffer are DistiLLM's alone
             metrics.update(phi=self.scheduler.phi, lambda_r=self.scheduler.sgo_prob(self.global_step),
                            buffer_fill=len(self.buffer) / self.buffer.capacity)
-        for s in SOURCES:
-            metrics[f"source_{s}"] = sources.count(s) / len(sources)
+        if self.d2 is not None:
+            metrics.update(self._distillm2_metrics(d2_stats, counts[2]))
+        else:
+            for s in SOURCES:
+                metrics[f"source_{s}"] = sources.count(s) / len(sources)
+        if self.method in SGO_METHODS:
+            metrics["sgo_degenerate"] = float(counts[3])
+            self._warn_degenerate(int(counts[3]))
         metrics["grad_norm"] = float(grad_norm)
         metrics["skipped_nonfinite"] = float(bad_term is not None)
         return metrics
+
+    def _distillm2_metrics(self, st: torch.Tensor, pairs: torch.Tensor) -> Dict[str, float]:
+        """Both loss terms (means over pairs), b, alpha statistics (student rows: those trained on),
+        the probability gaps mean(p̄ − q̄) on teacher rows and mean(q̄ − p̄) on student rows."""
+        st, n = st.tolist(), max(float(pairs), 1.0)
+        kept = st[4]
+        out = {
+            "loss_skl": st[0] / n, "loss_srkl": st[1] / max(kept, 1.0),
+            "b": gradual_beta_b(self.step_in_epoch, self.steps_per_epoch) if self.d2["gradual_beta"] else 1.0,
+            "gap_teacher": st[2] / n, "alpha_t_mean": st[5] / n, "alpha_t_min": -st[8], "alpha_t_max": st[9],
+            "student_rows_trained": kept,
+        }
+        if kept > 0:
+            out.update(gap_student=st[3] / kept, alpha_s_mean=st[6] / kept, alpha_s_min=-st[10], alpha_s_max=st[11])
+        return out
+
+    def _warn_degenerate(self, count: int) -> None:
+        if count == 0 or self._degenerate_warned or not self.is_rank_zero:
+            return
+        self._degenerate_warned = True
+        action = ("they were left out of the loss" if self.guards["degenerate_sgo"] == "skip"
+                  else "they were trained on (guards.degenerate_sgo=keep)")
+        log.warning(f"step {self.global_step + 1}: {count} student-generated output(s) are degenerate (empty, EOS-only or "
+                    f"repetitive); {action}. The student needs SFT first (train it with method=sft, then distil from "
+                    "that checkpoint), or delay SGO with sgo.start_after_steps. Counted per step as metric sgo_degenerate")
 
     def _nonfinite_term(self, sums: torch.Tensor, grad_norm: torch.Tensor) -> Optional[str]:
         """The first term of the step's loss that is NaN/inf, then the gradient norm; None if all are finite."""
@@ -635,9 +935,13 @@ class KDOffPolicyRecipe:
         self.profiler.start()
         while self.epoch < int(cfg.epochs):
             order = self._epoch_order(self.epoch)
+            # distillm2: this epoch's student responses (restored ones after a resume inside it)
+            sampling_time = self._ensure_student_responses(order) if self.d2 is not None else 0.0
             while self.step_in_epoch < self.steps_per_epoch:
-                t0 = time.perf_counter()
+                t0 = time.perf_counter() - sampling_time  # the epoch's sampling counts into its first step's time
                 metrics = self._train_step(order)
+                if sampling_time:
+                    metrics["student_sampling_time"], sampling_time = sampling_time, 0.0
                 self.global_step += 1
                 self.step_in_epoch += 1
                 end_of_epoch = self.step_in_epoch == self.steps_per_epoch
@@ -793,6 +1097,7 @@ class KDOffPolicyRecipe:
                 "method": self.method,
                 "total_steps": self.total_steps,
                 "steps_per_epoch": self.steps_per_epoch,
+                **({"distillm2": self._distillm2_state()} if self.d2 is not None else {}),
             },
         }
         per_rank = {
@@ -806,6 +1111,31 @@ class KDOffPolicyRecipe:
         if self.is_rank_zero:
             log.info(f"saved training state at step {self.global_step} to {path}")
         return path
+
+    def _distillm2_state(self) -> Dict[str, Any]:
+        """The round's student responses (flat int32 ids + lengths; length -1: no response, a prompt
+        the epoch does not train on) and anchors: they came from a student that no longer exists,
+        so resume must read them, not resample."""
+        responses = self.student_responses
+        state: Dict[str, Any] = {"responses_epoch": self.responses_epoch, "anchors": self.d2_anchors, "responses": None}
+        if responses is not None:
+            lengths = torch.tensor([-1 if r is None else len(r) for r in responses], dtype=torch.int64)
+            flat = [t for r in responses if r is not None for t in r]
+            state["responses"] = {"ids": torch.tensor(flat, dtype=torch.int32), "lengths": lengths}
+        return state
+
+    def _load_distillm2_state(self, state: Dict[str, Any]) -> None:
+        self.responses_epoch, self.d2_anchors = state["responses_epoch"], state["anchors"]
+        packed = state["responses"]
+        if packed is None:
+            self.student_responses = None
+            return
+        ids, lengths = packed["ids"].tolist(), packed["lengths"].tolist()
+        bounds = [0] + torch.cumsum(packed["lengths"].clamp(min=0), 0).tolist()
+        self.student_responses = [None if n < 0 else ids[a:b] for n, a, b in zip(lengths, bounds[:-1], bounds[1:])]
+        if len(self.student_responses) != len(self.train_data):
+            raise _setting_error("resume_from_checkpoint", f"the checkpoint holds {len(self.student_responses)} student "
+                                                           f"responses but the run pairs {len(self.train_data)} prompts")
 
     def _find_resume_checkpoint(self) -> str:
         """Rank 0 picks the newest intact checkpoint of the run (verified against its manifest);
@@ -879,6 +1209,8 @@ class KDOffPolicyRecipe:
         self.global_step, self.epoch, self.step_in_epoch = rs["global_step"], rs["epoch"], rs["step_in_epoch"]
         self.train_time, self.best_rouge = rs["train_time"], rs["best_rouge"]
         self.first_val_loss, self.diverged = rs.get("first_val_loss"), rs.get("diverged", False)
+        if self.d2 is not None:
+            self._load_distillm2_state(rs["distillm2"])
         r = state["rank"]
         self.buffer.load_state_dict(r["buffer"])
         self.sample_gen.set_state(r["sample_gen"])

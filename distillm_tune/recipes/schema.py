@@ -13,6 +13,11 @@ from distillm_tune.training.quantization import SCHEMES as QUANTIZATION_SCHEMES
 from distillm_tune.training.settings import Component, setting
 
 DTYPES = ("fp32", "bf16")
+# distillm2 presets (DISTILLM2_SPEC §5.1): what the released code runs, and the paper's full method
+DISTILLM2_PRESETS = {
+    "code_faithful": {"curriculum_alpha": False, "gradual_beta": False},
+    "paper_full": {"curriculum_alpha": True, "gradual_beta": True},
+}
 
 
 @dataclass(kw_only=True)
@@ -76,6 +81,7 @@ class SGOConfig:
     top_p: float = setting(1.0, low=0, high=1, low_open=True)
     top_k: Optional[int] = setting(None, low=1)
     gkd_sgo_prob: float = setting(0.5, low=0, high=1, doc="method=gkd: share of on-policy steps")
+    start_after_steps: int = setting(0, low=0, doc="no student-generated outputs before this many optimizer steps")
     scheduler: SGOSchedulerConfig = setting(SGOSchedulerConfig())
     replay_buffer: ReplayBufferConfig = setting(ReplayBufferConfig())
 
@@ -88,6 +94,17 @@ class GuardsConfig:
     max_val_loss_ratio: float = setting(5.0, low=1, low_open=True)
     max_dropped_fraction: float = setting(0.5, low=0, high=1)
     max_duplicate_fraction: float = setting(0.2, low=0, high=1)
+    degenerate_sgo: str = setting("skip", choices=("skip", "keep"), doc="empty/EOS-only/repetitive student outputs")
+    max_repeated_ngram_fraction: float = setting(0.5, low=0, high=1)
+
+
+@dataclass(kw_only=True)
+class DistiLLM2Config:
+    teacher_responses: Optional[str] = setting(None, doc="null: generated once at the start into output_dir")
+    preset: str = setting("code_faithful", choices=tuple(DISTILLM2_PRESETS))
+    curriculum_alpha: Optional[bool] = setting(None, doc="null: the preset's")
+    gradual_beta: Optional[bool] = setting(None, doc="null: the preset's")
+    alpha_min: float = setting(0.01, low=0, high=1)
 
 
 @dataclass(kw_only=True)
@@ -115,6 +132,7 @@ class KDOffPolicyConfig:
     validation: ValidationConfig = setting()
     sgo: SGOConfig = setting(SGOConfig())
     guards: GuardsConfig = setting(GuardsConfig())
+    distillm2: Optional[DistiLLM2Config] = setting(None, doc="method=distillm2 settings")
     seed: int = setting(1, low=0)
     epochs: int = setting(low=1)
     max_steps_per_epoch: Optional[int] = setting(None, low=1)

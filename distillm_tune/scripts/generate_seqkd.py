@@ -94,7 +94,9 @@ def generate_seqkd(model_dir: str, data: str, out: str, batch_size: int = 16,
             # that ran to the limit, and it must still fit in max_seq_len
             model, [ids for _, ids in batch], max_new_tokens=max_seq_len - max_prompt_len - 1,
             eos_ids=stops, pad_id=tokenizer.pad_id, temperature=temperature, top_p=top_p,
-            generator=generator)
+            # one process, an unsharded model: never wait for other ranks (the training recipe
+            # calls this on rank 0 alone for method=distillm2's teacher responses)
+            generator=generator, sync_across_ranks=False)
         for (ex, _), sample in zip(batch, samples):
             response = sample["response"]
             if any(t in stops for t in response):

@@ -32,7 +32,13 @@ run                       recipe overrides                                   pap
 ``seqkd``                 ``method=seqkd`` (CE on the teacher's samples)     Tab. 11 SeqKD
 ``imitkd``                ``method=imitkd`` (FKL on student outputs)         Tab. 11 ImitKD
 ``gkd``                   ``method=gkd`` (JSD β=0.1, half the steps SGO)     Tab. 11 GKD
+``distillm2``             ``method=distillm2 distillm2.preset=paper_full``   DistiLLM-2 (ICML 2025)
+``distillm2_code``        ``method=distillm2`` (code_faithful preset)        its released code
 ========================  =================================================  =====================
+
+The two ``distillm2`` runs read SeqKD's teacher responses (``distillm2.teacher_responses``) and sample
+the student's responses to all training prompts at every epoch start (sgo.temperature 1, as every
+other SGO run here; the DistiLLM-2 paper samples at 0.8 / top-p 0.95).
 
 Both adaptive runs use ``sgo.scheduler.phi0=--phi0 sgo.scheduler.tolerance=--tolerance``: default 0.2 (the OpenLLaMA
 setting of DISTILLM_SPEC §6) and the paper's 0.1 (App. C). The paper's GPT-2 setting, phi0 = 0, never
@@ -123,6 +129,12 @@ RUNS: Dict[str, Dict[str, Any]] = {
                "overrides": lambda p: ["method=imitkd"]},
     "gkd": {"table": 3, "label": "GKD: JSD (β=0.1) on a 50/50 mix of student outputs and data",
             "overrides": lambda p: ["method=gkd"]},
+    # DistiLLM-2 (ICML 2025): teacher responses = SeqKD's file (one sample per prompt, made once),
+    # student responses sampled from the current student at every epoch start
+    "distillm2": {"table": 3, "label": "DistiLLM-2: SKL on teacher + SRKL on student responses, α and β curricula (paper_full)",
+                  "overrides": lambda p: ["method=distillm2", "distillm2.preset=paper_full"]},
+    "distillm2_code": {"table": 3, "label": "DistiLLM-2 as its released code runs (code_faithful: α = 0.1, b = 1)",
+                       "overrides": lambda p: ["method=distillm2", "distillm2.preset=code_faithful"]},
 }
 
 # The paper's numbers: GPT-2 XL -> GPT-2, Dolly eval ROUGE-L mean (std) over 5 sampling seeds
@@ -360,6 +372,8 @@ def train(out: str, *, seed: int, runs: Sequence[str], steps: int, epochs: int, 
         overrides = common + [f"output_dir={d}"] + run_overrides(name, **params) + list(train_args)
         if name == "seqkd":
             overrides.append(f"seqkd_data={seqkd_data(out, info)}")
+        if name.startswith("distillm2"):
+            overrides.append(f"distillm2.teacher_responses={seqkd_data(out, info)}")
         r = run(f"{name} seed {seed}", d, overrides)
         t0 = time.perf_counter()
         final = score_model(r["hf_model"], test, os.path.join(d, "eval"), eval_seeds, eval_examples)
@@ -390,10 +404,14 @@ def summarize_run(seed_dirs: Dict[int, str]) -> Dict[str, Any]:
         res = _read_json(os.path.join(d, "result.json"))
         rows = read_metrics(os.path.join(d, "metrics.jsonl"))
         step_rows = [r for r in rows if "step_time" in r]
-        times = [float(r["step_time"]) for r in step_rows]
+        # distillm2 samples the student's responses at each epoch start, outside its steps' time:
+        # that sampling is training time too, counted where it happened
+        times = [float(r["step_time"]) + float(r.get("student_sampling_time", 0.0)) for r in step_rows]
+        generating = [float(r.get("gen_time_share", 0.0)) * float(r["step_time"]) + float(r.get("student_sampling_time", 0.0))
+                      for r in step_rows]
         val, elapsed = [], 0.0
-        for r in step_rows:
-            elapsed += float(r["step_time"])
+        for r, t in zip(step_rows, times):
+            elapsed += t
             if "val_rouge_l" in r:
                 val.append((elapsed, float(r["val_rouge_l"]), int(r["step"])))
         sampled = res.get("test_rouge_l_sampled")
@@ -406,8 +424,7 @@ def summarize_run(seed_dirs: Dict[int, str]) -> Dict[str, Any]:
             "step_time_s": sum(times) / len(times) if times else float("nan"),
             "sgo_share": _mean([r.get("source_sgo", 0.0) for r in step_rows]),
             "replay_share": _mean([r.get("source_replay", 0.0) for r in step_rows]),
-            "gen_time_share": (sum(r.get("gen_time_share", 0.0) * r["step_time"] for r in step_rows) / sum(times)
-                               if times and sum(times) > 0 else float("nan")),
+            "gen_time_share": sum(generating) / sum(times) if times and sum(times) > 0 else float("nan"),
             "final_phi": float(step_rows[-1].get("phi", 0.0)) if step_rows else float("nan"),
             "val_curve": val,
         }
@@ -570,7 +587,8 @@ def render_markdown(summary: Dict[str, Any], plots: Dict[str, str], command: str
         out += ["## Other runs", ""] + _rouge_table(summary, other) + [""]
     out += ["## Fig. 7 / Tab. 9: training time relative to KD", "",
             "Training time = sum of the recipe's `step_time` over all steps (optimizer steps including SGO "
-            "generation; validation, checkpoints and setup excluded). Ratio = mean over seeds of the run's "
+            "generation; validation, checkpoints and setup excluded), plus distillm2's sampling of the "
+            "student's responses at each epoch start (`student_sampling_time`). Ratio = mean over seeds of the run's "
             f"time / mean of `{KD_RUN}`'s (± the std of the run's per-seed times over the same KD mean).", "",
             "| run | time per step (ms) | training time (s) | × KD | paper |", "|---|---:|---:|---:|---|"]
     for n in runs:

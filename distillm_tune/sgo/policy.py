@@ -13,7 +13,9 @@ import torch.distributed as dist
 
 from distillm_tune.sgo.scheduler import AdaptiveSGOScheduler
 
-METHODS = ("sft", "kd", "seqkd", "imitkd", "gkd", "distillm")
+METHODS = ("sft", "kd", "seqkd", "imitkd", "gkd", "distillm", "distillm2")
+# methods that train on student-generated outputs (the collapse guard and sgo.start_after_steps apply)
+SGO_METHODS = ("imitkd", "gkd", "distillm", "distillm2")
 SOURCES = ("dataset", "sgo", "replay")
 
 
@@ -30,6 +32,8 @@ def choose_source(
     """Return "dataset", "sgo" or "replay" for this step.
 
     - sft, kd, seqkd: always "dataset" (seqkd's dataset already holds teacher outputs).
+    - distillm2: always "pairs" (every batch pairs teacher responses with the student's own,
+      sampled once per epoch; DISTILLM2_SPEC §1.5).
     - imitkd: always "sgo" (on-policy every step).
     - gkd: "sgo" if ``u < gkd_sgo_prob`` (default 0.5), else "dataset".
     - distillm (Algorithm 1): "sgo" if ``u < scheduler.sgo_prob(step)``; else if
@@ -42,6 +46,8 @@ def choose_source(
         raise ValueError(f"u must lie in [0, 1), got {u!r}")
     if method in ("sft", "kd", "seqkd"):
         return "dataset"
+    if method == "distillm2":
+        return "pairs"
     if method == "imitkd":
         return "sgo"
     if method == "gkd":

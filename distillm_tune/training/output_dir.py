@@ -17,7 +17,8 @@ log = logging.getLogger(__name__)
 
 # What a kd_offpolicy run writes into its output directory.
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "hf_model", "hf_model_best", "hf_model_diverged", "peft_adapter",
-               "peft_adapter_best", "peft_adapter_diverged", "profiling_outputs")
+               "peft_adapter_best", "peft_adapter_diverged", "profiling_outputs",
+               "distillm2_teacher_responses.jsonl")
 LOCK_FILE = ".lock"
 
 

@@ -18,7 +18,7 @@ REFUSED = (
     "method", "loss", "kd_ratio", "seed", "batch_size", "gradient_accumulation_steps", "max_steps_per_epoch",
     "max_seq_len", "max_prompt_len", "dataset", "validation.dataset", "seqkd_data", "lm", "student.checkpoint_dir",
     "student.lora", "teacher",
-    "sgo", "dtype", "optimizer._component_", "lr_scheduler._component_",
+    "sgo", "distillm2", "guards.degenerate_sgo", "guards.max_repeated_ngram_fraction", "dtype", "optimizer._component_", "lr_scheduler._component_",
 )
 # Keys that only say how to start, not what the run is.
 IGNORED = ("resume_from_checkpoint", "overwrite")
