@@ -12,6 +12,7 @@ from distillm_tune.sgo.scheduler import REPLAY_RATIOS
 from distillm_tune.training.settings import Component, setting
 
 DTYPES = ("fp32", "bf16")
+MIXED_PRECISIONS = ("bf16",)
 
 
 @dataclass(kw_only=True)
@@ -124,6 +125,10 @@ class KDOffPolicyConfig:
     lr_scheduler: Component = setting()
     device: str = setting("cpu")
     dtype: str = setting("fp32", choices=DTYPES)
+    mixed_precision: Optional[str] = setting(
+        None, choices=MIXED_PRECISIONS,
+        doc="bf16: fp32 master weights and optimizer state, bf16 compute (FSDP2 MixedPrecisionPolicy with fp32 "
+            "gradient reduction on 2+ processes, torch.autocast on one), losses in fp32; needs dtype=fp32")
     enable_activation_checkpointing: bool = setting(False)
     compile: bool = setting(False, doc="torch.compile the models' layers and the loss")
     profiler: ProfilerConfig = setting(ProfilerConfig())
