@@ -10,7 +10,17 @@ import subprocess
 import pytest
 import torch
 
-from conftest import REPO, hf_weights, make_cfg, read_metrics, run_recipe, subprocess_env, tune_cmd
+from conftest import (
+    REPO,
+    TINY_CONFIG,
+    TINY_T5_CONFIG,
+    hf_weights,
+    make_cfg,
+    read_metrics,
+    run_recipe,
+    subprocess_env,
+    tune_cmd,
+)
 
 
 def _rel_deviation(rows, reference):
@@ -52,15 +62,18 @@ def test_mixed_precision_tracks_the_fp32_run_closer_than_pure_bf16_over_300_step
     assert _fine_fraction(hf_weights(tmp_path / "bf16")) == 0.0
 
 
-def test_mixed_precision_keeps_fp32_weights_and_optimizer_state_and_computes_in_bf16(tiny_assets, tmp_path,
-                                                                                    one_thread):
-    """One process, distillm with generation and replay: fp32 student, fp32 AdamW state, bf16
-    teacher, bf16 activations in the forwards (autocast), fp32 losses; the first step's loss is
-    the fp32 run's up to bf16 rounding (same batch)."""
+@pytest.mark.parametrize("arch", ["gpt2", "t5"])
+def test_mixed_precision_keeps_fp32_weights_and_optimizer_state_and_computes_in_bf16(request, tmp_path, one_thread,
+                                                                                    arch):
+    """One process, distillm with generation and replay, decoder-only and encoder-decoder: fp32
+    student, fp32 AdamW state, bf16 teacher, bf16 activations in the forwards (autocast), fp32
+    losses; the starting validation loss is the fp32 run's up to bf16 rounding (same data)."""
     from distillm_tune.recipes.kd_offpolicy import KDOffPolicyRecipe
 
+    assets = request.getfixturevalue("tiny_assets" if arch == "gpt2" else "tiny_seq2seq_assets")
+    config = {"gpt2": TINY_CONFIG, "t5": TINY_T5_CONFIG}[arch]
     args = ["method=distillm", "sgo.scheduler.phi0=1.0", "gradient_accumulation_steps=2", "batch_size=4"]
-    recipe = KDOffPolicyRecipe(make_cfg(tiny_assets, str(tmp_path / "mixed"), *args, "mixed_precision=bf16"))
+    recipe = KDOffPolicyRecipe(make_cfg(assets, str(tmp_path / "mixed"), *args, "mixed_precision=bf16", config=config))
     recipe.setup()
     seen = {"student": set(), "teacher": set()}
     # every linear layer's output, in training, generation and validation forwards (the logits
@@ -81,7 +94,7 @@ def test_mixed_precision_keeps_fp32_weights_and_optimizer_state_and_computes_in_
     assert {s for r in rows for s in ("sgo", "replay") if r[f"source_{s}"] > 0} == {"sgo", "replay"}
     for r in rows:
         assert torch.isfinite(torch.tensor([r["loss"], r["loss_ce"], r["grad_norm"], r.get("val_loss", 0.0)])).all()
-    _, fp32 = run_recipe(tiny_assets, str(tmp_path / "fp32"), *args)
+    _, fp32 = run_recipe(assets, str(tmp_path / "fp32"), *args, config=config)
     assert rows[0]["source_sgo"] == fp32[0]["source_sgo"] == 1.0
     # step 1 generates with the sampler (bf16 vs fp32 logits can pick other tokens): compare on the
     # validation loss at step 0, the same data for both
