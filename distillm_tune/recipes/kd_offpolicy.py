@@ -48,6 +48,7 @@ from distillm_tune.training.checkpointing import CheckpointWriteError, free_spac
 from distillm_tune.training.distributed import exit_with_launcher, run_on_rank_zero, shard_layers
 from distillm_tune.training.model_io import LAYER_CLASSES, model_io_for, output_projection
 from distillm_tune.training.output_dir import claim_output_dir
+from distillm_tune.training.quantization import model_bytes, quantize_frozen
 from distillm_tune.training.resume import apply_optimizer_changes, config_changes
 from distillm_tune.training.settings import check_schema, read_schema
 from distillm_tune.recipes.schema import KDOffPolicyConfig
@@ -448,11 +449,19 @@ class KDOffPolicyRecipe:
             model.eval()
         if trainable and self.cfg.enable_activation_checkpointing:
             training.set_activation_checkpointing(model, auto_wrap_policy=set(LAYER_CLASSES))
+        quantized = not trainable and self.cfg.teacher.quantization is not None
         if self.cfg.compile:  # per layer, as torchtune does: one compiled graph reused by every layer
             for layer in (m for m in model.modules() if isinstance(m, LAYER_CLASSES)):
                 layer.compile()
         model.to(self.device)
-        if self.distributed:
+        if quantized:
+            before = model_bytes(model)
+            n = quantize_frozen(model, self.cfg.teacher.quantization, LAYER_CLASSES)
+            if self.is_rank_zero:
+                log.info(f"teacher.quantization={self.cfg.teacher.quantization}: {n} linear layers quantized, "
+                         f"teacher weights {before / 2**20:.1f} -> {model_bytes(model) / 2**20:.1f} MiB")
+        # A quantized teacher is kept whole on every rank (its forward then needs no collective).
+        if self.distributed and not quantized:
             # Teacher sharded like the student: its memory is split across ranks too. Mixed
             # precision: the student's fp32 shards are gathered as bf16 for compute and its
             # gradients reduced in fp32 (the teacher is bf16 already, and has no gradients).

@@ -9,6 +9,7 @@ from typing import Any, List, Optional
 
 from distillm_tune.sgo.policy import METHODS
 from distillm_tune.sgo.scheduler import REPLAY_RATIOS
+from distillm_tune.training.quantization import SCHEMES as QUANTIZATION_SCHEMES
 from distillm_tune.training.settings import Component, setting
 
 DTYPES = ("fp32", "bf16")
@@ -34,6 +35,8 @@ class StudentConfig:
 @dataclass(kw_only=True)
 class TeacherConfig:
     checkpoint_dir: Optional[str] = setting(None, doc="required by every method but sft and seqkd")
+    quantization: Optional[str] = setting(None, choices=QUANTIZATION_SCHEMES,
+                                          doc="torchao weight-only quantization of the frozen teacher's layers")
 
 
 @dataclass(kw_only=True)
