@@ -159,3 +159,32 @@ def test_two_process_fsdp2_mixed_precision_follows_the_one_process_mixed_run(tin
     w1 = hf_weights(tmp_path / "one")
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-2)  # measured max 1.4e-3
+
+
+def test_mixed_precision_run_resumes_exactly_and_may_switch_mixed_precision_on_resume(tiny_assets, tmp_path,
+                                                                                     one_thread, caplog):
+    """The checkpointed state is fp32 with or without mixed precision: a finished mixed run resumed
+    with one more epoch is step for step the uninterrupted 2-epoch mixed run (flat LR), and
+    ``mixed_precision`` may be switched on resume (applied and logged, like other operational keys)."""
+    import logging
+    import shutil
+
+    flat = ["method=kd", "optimizer.lr=5e-4", "lr_scheduler.min_lr=5e-4", "mixed_precision=bf16"]
+    _, full = run_recipe(tiny_assets, str(tmp_path / "full"), *flat, "epochs=2")
+    run_recipe(tiny_assets, str(tmp_path / "short"), *flat, "epochs=1")
+    shutil.copytree(tmp_path / "short", tmp_path / "switched")
+    _, resumed = run_recipe(tiny_assets, str(tmp_path / "short"), *flat, "epochs=2", "resume_from_checkpoint=true")
+    last = {r["step"]: r for r in resumed}
+    assert sorted(last) == [1, 2, 3, 4, 5, 6]
+    for r in full:
+        assert last[r["step"]]["loss"] == pytest.approx(r["loss"], rel=1e-6), r["step"]
+    with caplog.at_level(logging.WARNING):
+        recipe, switched = run_recipe(tiny_assets, str(tmp_path / "switched"), *flat[:-1], "epochs=2",
+                                      "resume_from_checkpoint=true")
+    assert "changed on resume: mixed_precision 'bf16' -> None" in "\n".join(r.getMessage() for r in caplog.records)
+    assert recipe.mixed_precision is None and recipe.global_step == 6
+    # steps 4-6 now run in fp32 from the same fp32 state: close to the mixed run, not bit-equal
+    tail = {r["step"]: r for r in switched}
+    for step in (4, 5, 6):
+        assert tail[step]["loss"] == pytest.approx(last[step]["loss"], rel=1e-2)
+        assert tail[step]["loss"] != last[step]["loss"]
