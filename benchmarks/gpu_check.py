@@ -22,6 +22,7 @@ shapes by the tiny models and runs 2-3 steps: it checks that every step works, n
 """
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -59,6 +60,7 @@ def recipe_case(device, assets, out, shape, precision, path, steps, seq_len, bat
         over.append("mixed_precision=bf16")
     if path == "fused":
         over.append("fused_loss_chunk_size=1024")
+    gc.collect()  # the previous run's models and optimizer state
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
