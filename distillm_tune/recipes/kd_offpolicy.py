@@ -21,6 +21,7 @@ One optimizer step, as it reads below in ``_train_step``:
   validation loss.
 """
 
+import contextlib
 import math
 import os
 import sys
@@ -31,6 +32,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from torch.distributed.fsdp import MixedPrecisionPolicy
 from torchtune import config, training, utils
 from torchtune.modules.peft import get_adapter_params, set_trainable_params
 from tqdm import tqdm
@@ -47,7 +49,7 @@ from distillm_tune.models.hf import save_hf_state_dict, save_peft_adapter_state_
 from distillm_tune.sgo import SGO_METHODS, SOURCES, choose_source, degenerate_reason, shared_uniform
 from distillm_tune.training import RecipeCheckpointer, all_reduce_sum, init_process_group_for
 from distillm_tune.training.checkpointing import CheckpointWriteError, free_space
-from distillm_tune.training.distributed import exit_with_launcher, run_on_rank_zero
+from distillm_tune.training.distributed import exit_with_launcher, run_on_rank_zero, shard_layers
 from distillm_tune.training.model_io import LAYER_CLASSES, model_io_for, output_projection
 from distillm_tune.training.output_dir import claim_output_dir
 from distillm_tune.training.quantization import model_bytes, quantize_frozen
@@ -101,6 +103,13 @@ def check_config(cfg: DictConfig) -> DictConfig:
     keys, types, ranges, component arguments, then rules across keys. Returns ``cfg`` with every
     absent key set to its schema default."""
     cfg = check_schema(cfg, SCHEMA, TORCHTUNE_KEYS_OFF)
+    if cfg.mixed_precision is not None and cfg.dtype != "fp32":
+        raise _setting_error(
+            "mixed_precision",
+            f"mixed_precision={cfg.mixed_precision} keeps fp32 master weights and computes in {cfg.mixed_precision}; "
+            f"it needs dtype=fp32, got dtype={cfg.dtype} (dtype=bf16 alone: bf16 weights and optimizer state, "
+            "no fp32 copy). Set dtype=fp32 or mixed_precision=null",
+        )
     if cfg.max_prompt_len >= cfg.max_seq_len:
         raise _setting_error("max_prompt_len", f"must be below max_seq_len={cfg.max_seq_len}, got {cfg.max_prompt_len}")
     if METHOD_LOSSES[cfg.method] is not None and cfg.teacher.checkpoint_dir is None:
@@ -126,6 +135,14 @@ class KDOffPolicyRecipe:
         self.world_size, self.rank = init_process_group_for(self.device)
         self.is_rank_zero = self.rank == 0
         self.distributed = self.world_size > 1
+        # mixed_precision=bf16: the student's weights (and so its gradients and optimizer state)
+        # stay fp32, the forwards compute in bf16: FSDP2 casts the gathered parameters (2+
+        # processes), torch.autocast does it on one. The frozen teacher is held in bf16: it has no
+        # update to lose, and its matmuls would run in bf16 under either mechanism anyway.
+        self.mixed_precision = None if cfg.mixed_precision is None else training.get_dtype(cfg.mixed_precision,
+                                                                                             device=self.device)
+        self.compute_dtype = self.mixed_precision or self.dtype  # also the KV cache's dtype
+        self.teacher_dtype = self.compute_dtype
         self.seed = training.set_seed(seed=cfg.seed)
         self.output_dir = cfg.output_dir
         self.uses_teacher = METHOD_LOSSES[self.method] is not None
@@ -206,8 +223,10 @@ class KDOffPolicyRecipe:
             **{k: (tuple(v) if k == "lora_attn_modules" else v) for k, v in OmegaConf.to_container(lora).items()}
         )
         torch.manual_seed(self.seed)  # identical LoRA init on every rank
-        self.student = self._load_model("student.checkpoint_dir", student_dir, self.lora, trainable=True)
-        self.teacher = self._load_model("teacher.checkpoint_dir", teacher_dir, None, trainable=False) if self.uses_teacher else None
+        self.student = self._load_model("student.checkpoint_dir", student_dir, self.lora, trainable=True,
+                                        dtype=self.dtype)
+        self.teacher = self._load_model("teacher.checkpoint_dir", teacher_dir, None, trainable=False,
+                                        dtype=self.teacher_dtype) if self.uses_teacher else None
 
         num_chunks = int(cfg.num_output_chunks)
         for model in (self.student, self.teacher):
@@ -507,8 +526,9 @@ class KDOffPolicyRecipe:
         start = micro_index * g + self.rank * self.lm_batch_size
         return collate_packed([self.lm_data[(start + j) % len(self.lm_data)] for j in range(self.lm_batch_size)])
 
-    def _load_model(self, setting: str, checkpoint_dir: str, lora: Optional[LoRASettings], trainable: bool) -> nn.Module:
-        model = self._checked(setting, load_hf, checkpoint_dir, dtype=self.dtype, lora=lora)
+    def _load_model(self, setting: str, checkpoint_dir: str, lora: Optional[LoRASettings], trainable: bool,
+                    dtype: torch.dtype) -> nn.Module:
+        model = self._checked(setting, load_hf, checkpoint_dir, dtype=dtype, lora=lora)
         # A damaged checkpoint with NaN/inf weights would train "successfully" on NaN losses.
         bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
         if bad:
@@ -534,14 +554,25 @@ class KDOffPolicyRecipe:
                          f"teacher weights {before / 2**20:.1f} -> {model_bytes(model) / 2**20:.1f} MiB")
         # A quantized teacher is kept whole on every rank (its forward then needs no collective).
         if self.distributed and not quantized:
-            # Teacher sharded like the student: its memory is split across ranks too.
-            training.shard_model(
-                model,
-                [lambda name, m: isinstance(m, LAYER_CLASSES)],
-                cpu_offload=False,
-                reshard_after_forward=True,
-            )
+            # Teacher sharded like the student: its memory is split across ranks too. Mixed
+            # precision: the student's fp32 shards are gathered as bf16 for compute and its
+            # gradients reduced in fp32 (the teacher is bf16 already, and has no gradients).
+            mp_policy = None
+            if trainable and self.mixed_precision is not None:
+                mp_policy = MixedPrecisionPolicy(param_dtype=self.mixed_precision, reduce_dtype=torch.float32)
+            shard_layers(model, LAYER_CLASSES, mp_policy)
         return model
+
+    @contextlib.contextmanager
+    def _compute(self):
+        """The context of every forward (student and teacher, training, validation, generation):
+        with ``mixed_precision`` on one process, ``torch.autocast`` to bf16; otherwise nothing
+        (fp32, pure bf16, or FSDP2's mixed-precision policy, which casts inside the model)."""
+        if self.mixed_precision is None or self.distributed:
+            yield
+            return
+        with torch.autocast(device_type=self.device.type, dtype=self.mixed_precision):
+            yield
 
     # ------------------------------------------------------------------------------------- data
 
@@ -560,8 +591,9 @@ class KDOffPolicyRecipe:
 
     def _generate(self, samples: List[Dict[str, List[int]]], **overrides) -> List[Dict[str, List[int]]]:
         kwargs = {**self.sgo_cfg, **overrides}
-        return self.io.generate(self.student, samples, max_new_tokens=self.max_new_tokens,
-                                generator=self.sample_gen, dtype=self.dtype, device=self.device, **kwargs)
+        with self._compute():
+            return self.io.generate(self.student, samples, max_new_tokens=self.max_new_tokens,
+                                    generator=self.sample_gen, dtype=self.compute_dtype, device=self.device, **kwargs)
 
     def _degenerate_rows(self, responses: List[Optional[List[int]]]) -> List[bool]:
         """Which student responses are degenerate (empty, EOS-only, repetitive: ``sgo.guard``)."""
@@ -741,27 +773,32 @@ class KDOffPolicyRecipe:
         return terms["loss"].sum(), ce_sum, stats
 
     def _loss_sums(self, batch: Dict[str, Any]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(divergence sum, CE sum) over the batch's unmasked tokens."""
+        """(divergence sum, CE sum) over the batch's unmasked tokens. The models run in
+        ``_compute()`` (bf16 under mixed precision); the losses upcast their inputs and compute in
+        fp32 (the fused loss applies the head chunk by chunk inside ``_compute()``, as the model's
+        own head would be applied, and its divergence in fp32)."""
         labels = batch["labels"].to(self.device)
         if self.fused_loss is not None:
-            hidden, weight, bias = self.io.forward_hidden(self.student, batch, self.device)
-            with torch.no_grad():
-                t_hidden, t_weight, t_bias = self.io.forward_hidden(self.teacher, batch, self.device)
-                # CE is only logged here (kd_ratio = 1): no gradient, one chunk of logits at a time
-                ce_sum, _ = linear_cross_entropy_sum_and_count(
-                    hidden.detach(), weight.detach(), labels, None if bias is None else bias.detach(),
-                    chunk_size=self.fused_loss.chunk_size)
-            div_sum, _ = self.fused_loss.sum_and_count(hidden, weight, t_hidden, t_weight, labels,
-                                                       student_bias=bias, teacher_bias=t_bias)
-            return div_sum, ce_sum
-        student_logits = self.io.forward(self.student, batch, self.device)
+            with self._compute():
+                hidden, weight, bias = self.io.forward_hidden(self.student, batch, self.device)
+                with torch.no_grad():
+                    t_hidden, t_weight, t_bias = self.io.forward_hidden(self.teacher, batch, self.device)
+                    # CE is only logged here (kd_ratio = 1): no gradient, one chunk of logits at a time
+                    ce_sum, _ = linear_cross_entropy_sum_and_count(
+                        hidden.detach(), weight.detach(), labels, None if bias is None else bias.detach(),
+                        chunk_size=self.fused_loss.chunk_size)
+                div_sum, _ = self.fused_loss.sum_and_count(hidden, weight, t_hidden, t_weight, labels,
+                                                           student_bias=bias, teacher_bias=t_bias)
+            return div_sum.float(), ce_sum.float()
+        with self._compute():
+            student_logits = self.io.forward(self.student, batch, self.device)
         ce_sum, _ = cross_entropy_sum_and_count(student_logits, labels)
         if self.loss_fn is None or self.kd_ratio == 0.0:
             return torch.zeros((), device=self.device), ce_sum
-        with torch.no_grad():
+        with torch.no_grad(), self._compute():
             teacher_logits = self.io.forward(self.teacher, batch, self.device)
         div_sum, _ = self.loss_fn.sum_and_count(student_logits, teacher_logits, labels)
-        return div_sum, ce_sum
+        return div_sum.float(), ce_sum
 
     def _train_step(self, order: torch.Tensor) -> Dict[str, float]:
         t0 = time.perf_counter()
@@ -801,7 +838,8 @@ class KDOffPolicyRecipe:
             loss = (self.kd_ratio * div_sum + (1.0 - self.kd_ratio) * ce_sum) / div_denom
             lm_sum = torch.zeros((), device=self.device)
             if lm_batches:
-                lm_logits = self.student(lm_batches[i]["tokens"].to(self.device))
+                with self._compute():
+                    lm_logits = self.student(lm_batches[i]["tokens"].to(self.device))
                 lm_sum, _ = cross_entropy_sum_and_count(lm_logits, lm_batches[i]["labels"].to(self.device))
                 loss = loss + self.lm_coef * lm_sum / lm_denom
             # FSDP averages gradients over ranks; the loss is already a global token mean.
@@ -899,10 +937,11 @@ class KDOffPolicyRecipe:
         when the divergence is not finite, to say which model is at fault."""
         bad = torch.zeros(1, device=self.device)
         for batch in micro:
-            if self.fused_loss is not None:
-                out = [self.io.forward_hidden(self.teacher, batch, self.device)[0]]
-            else:
-                out = self.io.forward(self.teacher, batch, self.device)
+            with self._compute():
+                if self.fused_loss is not None:
+                    out = [self.io.forward_hidden(self.teacher, batch, self.device)[0]]
+                else:
+                    out = self.io.forward(self.teacher, batch, self.device)
                 out = out if isinstance(out, list) else [out]
             bad += float(any(not torch.isfinite(o).all() for o in out))
         return bool(all_reduce_sum(bad).item() > 0)
@@ -998,7 +1037,8 @@ class KDOffPolicyRecipe:
             batch = self.io.collate(samples or [self.io.sample(self.valid_data[0])])
             if dummy:
                 batch["labels"].fill_(CROSS_ENTROPY_IGNORE_IDX)
-            logits = self.io.forward(self.student, batch, self.device)
+            with self._compute():
+                logits = self.io.forward(self.student, batch, self.device)
             ce_sum, count = cross_entropy_sum_and_count(logits, batch["labels"].to(self.device))
             sums += torch.stack([ce_sum.float(), count.float()])
         all_reduce_sum(sums)

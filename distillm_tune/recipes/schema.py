@@ -18,6 +18,7 @@ DISTILLM2_PRESETS = {
     "code_faithful": {"curriculum_alpha": False, "gradual_beta": False},
     "paper_full": {"curriculum_alpha": True, "gradual_beta": True},
 }
+MIXED_PRECISIONS = ("bf16",)
 
 
 @dataclass(kw_only=True)
@@ -145,6 +146,10 @@ class KDOffPolicyConfig:
     lr_scheduler: Component = setting()
     device: str = setting("cpu")
     dtype: str = setting("fp32", choices=DTYPES)
+    mixed_precision: Optional[str] = setting(
+        None, choices=MIXED_PRECISIONS,
+        doc="bf16: fp32 master weights and optimizer state, bf16 compute (FSDP2 MixedPrecisionPolicy with fp32 "
+            "gradient reduction on 2+ processes, torch.autocast on one), losses in fp32; needs dtype=fp32")
     enable_activation_checkpointing: bool = setting(False)
     compile: bool = setting(False, doc="torch.compile the models' layers and the loss")
     profiler: ProfilerConfig = setting(ProfilerConfig())

@@ -67,3 +67,20 @@ def exit_with_launcher() -> None:
         return
     if os.getppid() == 1:  # the launcher died before the call above: nobody will signal us
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def shard_layers(model: torch.nn.Module, layer_classes: Tuple[type, ...], mp_policy=None) -> None:
+    """FSDP2 ``fully_shard`` on every layer of ``layer_classes`` (bottom-up), then on the whole
+    model, as torchtune 0.6.1's ``training.shard_model`` does; unlike it, with an optional
+    ``MixedPrecisionPolicy`` (``shard_model`` takes none)."""
+    from torch.distributed.fsdp import fully_shard
+
+    kwargs = {"reshard_after_forward": True}
+    if mp_policy is not None:
+        kwargs["mp_policy"] = mp_policy
+    layers = [m for m in reversed(list(model.modules())) if isinstance(m, layer_classes)]
+    if not layers:
+        raise ValueError(f"no layer of {[c.__name__ for c in layer_classes]} to shard in {type(model).__name__}")
+    for m in layers:
+        fully_shard(m, **kwargs)
+    fully_shard(model, **kwargs)

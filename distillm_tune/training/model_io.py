@@ -136,7 +136,7 @@ class Seq2SeqLMIO:
             model, batch["input_ids"].to(device), batch["encoder_padding_mask"].to(device),
             max_new_tokens=max_new_tokens, decoder_start_token_id=self.decoder_start_id,
             eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id, temperature=temperature,
-            top_k=top_k, top_p=top_p, generator=generator,
+            top_k=top_k, top_p=top_p, generator=generator, cache_dtype=dtype,
         ).tolist()
         eos = self.tokenizer.eos_id
         # keep the EOS the student produced; a row without one keeps all its tokens

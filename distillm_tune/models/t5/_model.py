@@ -220,13 +220,16 @@ class T5EncoderDecoder(nn.Module):
 @torch.no_grad()
 def generate_seq2seq(model: T5EncoderDecoder, input_ids, encoder_padding_mask=None, max_new_tokens=128,
                      decoder_start_token_id=0, eos_id=1, pad_id=0, temperature=1.0, greedy=False,
-                     top_k=None, top_p=1.0, generator=None, sync_across_ranks=True) -> torch.Tensor:
+                     top_k=None, top_p=1.0, generator=None, sync_across_ranks=True,
+                     cache_dtype=None) -> torch.Tensor:
     """Generated ids ``[B, n]`` (n <= max_new_tokens; start token not included), ``pad_id``
     after each row's EOS; stops early once every row has emitted EOS (like HF ``generate``).
 
     Encodes once; the first decoder step fills the cross-attention caches, later steps feed one
     token and reuse every cached K/V. Runs in eval mode and restores the previous mode. Under
     torch.distributed (``sync_across_ranks``) all ranks stop at the same step (FSDP lockstep).
+    ``cache_dtype``: the KV caches' dtype, default the embedding's (pass the compute dtype under
+    autocast or FSDP mixed precision, where keys and values are bf16 while the weights are fp32).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -234,7 +237,7 @@ def generate_seq2seq(model: T5EncoderDecoder, input_ids, encoder_padding_mask=No
     was_training = model.training
     model.eval()
     try:
-        dtype = model.tok_embeddings.weight.dtype
+        dtype = cache_dtype or model.tok_embeddings.weight.dtype
         with local_kv_cache(model, batch_size=batch, device=input_ids.device, dtype=dtype,
                             encoder_max_seq_len=src_len, decoder_max_seq_len=max_new_tokens):
             encoder_out = model.encode(input_ids, encoder_padding_mask)
