@@ -144,7 +144,7 @@ def test_corrupt_newest_checkpoint_resumes_from_the_previous_intact_one(tiny_ass
     _, full = run_recipe(tiny_assets, str(tmp_path / "full"), *args)
     out = tmp_path / "run"
     run_recipe(tiny_assets, str(out), *args)  # checkpoints at steps 2, 4, 6
-    victim = out / "checkpoints" / "step_00000006" / "optimizer.pt"
+    victim = out / "checkpoints" / "step_00000006" / "optimizer" / "__0_0.distcp"  # this rank's optimizer shard
     data = victim.read_bytes()
     if damage == "truncate":
         victim.write_bytes(data[: len(data) // 3])
@@ -164,10 +164,10 @@ def test_corrupt_newest_checkpoint_resumes_from_the_previous_intact_one(tiny_ass
 
 def test_no_intact_checkpoint_is_an_error_listing_each_one(tiny_assets, tmp_path):
     run_recipe(tiny_assets, str(tmp_path), "method=kd", "save_every_n_steps=1", "keep_last_checkpoints=1")
-    model = tmp_path / "checkpoints" / "step_00000003" / "model.pt"
+    model = tmp_path / "checkpoints" / "step_00000003" / "model" / "__0_0.distcp"
     model.write_bytes(b"")
     with pytest.raises(ValueError, match=r"config resume_from_checkpoint: no intact checkpoint .*step_00000003: "
-                                         r"model.pt has 0 bytes"):
+                                         r"model/__0_0.distcp has 0 bytes"):
         run_recipe(tiny_assets, str(tmp_path), "method=kd", "save_every_n_steps=1", "keep_last_checkpoints=1",
                    "resume_from_checkpoint=true")
 
