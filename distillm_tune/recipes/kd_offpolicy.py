@@ -761,8 +761,11 @@ class KDOffPolicyRecipe:
 
     def _state_dict_options(self) -> StateDictOptions:
         """This rank's shards, no gather: DTensors under FSDP2, whole tensors in one process; the
-        trainable weights only (LoRA: the adapters; the frozen base comes from student.checkpoint_dir)."""
-        return StateDictOptions(full_state_dict=False, cpu_offload=False, ignore_frozen_params=self.lora is not None)
+        trainable weights only (LoRA: the adapters; the frozen base comes from student.checkpoint_dir).
+        Not strict when set: DCP's load already refuses a key the checkpoint lacks, and the frozen
+        weights are meant to be absent."""
+        return StateDictOptions(full_state_dict=False, cpu_offload=False, ignore_frozen_params=self.lora is not None,
+                                strict=False)
 
     def save_checkpoint(self) -> str:
         """All training state, so that ``resume_from_checkpoint=True`` continues exactly. Weights

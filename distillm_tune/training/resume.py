@@ -61,18 +61,16 @@ def _global_batch_error(saved: Dict[str, Any], current: Dict[str, Any], checkpoi
                 "lm.batch_size": (lm.get("batch_size") or cfg["batch_size"]) if lm_on else None}
 
     before, after = sizes(saved), sizes(current)
-    for key in PER_RANK_BATCH:
-        if before[key] is None and after[key] is None:
+    for key in PER_RANK_BATCH:  # the LM term on or off is refused with lm.dataset before this check
+        if before[key] is None or after[key] is None or before[key] * saved_world == after[key] * world:
             continue
-        if before[key] is None or after[key] is None or before[key] * saved_world != after[key] * world:
-            b = "off" if before[key] is None else f"{before[key]} x {saved_world} rank(s) = {before[key] * saved_world}"
-            a = "off" if after[key] is None else f"{after[key]} x {world} rank(s) = {after[key] * world}"
-            hint = (f"set {key}={before[key] * saved_world // world}" if before[key] is not None
-                    and (before[key] * saved_world) % world == 0 else f"use a number of processes that divides "
-                    f"{before[key] * saved_world if before[key] else 0}")
-            return (f"config {key}: is {after[key]!r} but {checkpoint!r} was written with {before[key]!r}; it cannot "
-                    f"change when resuming unless the global micro-batch ({key} x ranks) stays the same: it was {b}, "
-                    f"now {a}. {hint.capitalize()}, or start a new run in another output_dir or with overwrite=true")
+        total = before[key] * saved_world
+        fix = (f"Set {key}={total // world}" if total % world == 0 else
+               f"Use a number of processes that divides {total}")
+        return (f"config {key}: is {after[key]} on {world} rank(s) but {checkpoint!r} was written with "
+                f"{before[key]} on {saved_world} rank(s); it cannot change when resuming unless the global "
+                f"micro-batch ({key} x ranks) stays {total}, it would be {after[key] * world}. {fix}, or start a new "
+                "run in another output_dir or with overwrite=true")
     return None
 
 
