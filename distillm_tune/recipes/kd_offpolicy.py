@@ -89,6 +89,16 @@ def peak_memory_stats(device: torch.device) -> Dict[str, float]:
     return training.get_memory_stats(device, reset_stats=False)
 
 
+def deal_replay_samples(buffers: List[List[Any]], world_size: int, rank: int, capacity: int) -> List[Any]:
+    """Rank ``rank``'s replay buffer (oldest first) when the per-rank ``buffers`` saved by another
+    number of ranks are shared among ``world_size``: the samples interleaved by age (every saved
+    rank's oldest, then the next ...), dealt round robin, every rank keeping the same number (the
+    data policy compares buffer lengths, equal on every rank), the newest ``capacity`` of them."""
+    merged = [s for age in itertools.zip_longest(*buffers) for s in age if s is not None]
+    per_rank = len(merged) // world_size
+    return merged[rank::world_size][:per_rank][-capacity:] if per_rank else []
+
+
 class RunStopped(RuntimeError):
     """The run stopped itself rather than train on, or export, garbage (``guards.*``)."""
 
@@ -895,16 +905,14 @@ class KDOffPolicyRecipe:
         self.sample_gen.manual_seed(seed_for("sample"))
         self.buffer_gen.manual_seed(seed_for("buffer"))
         torch.manual_seed(seed_for("torch"))  # also seeds CUDA
-        merged = [s for age in itertools.zip_longest(*(r["buffer"]["samples"] for r in saved))
-                  for s in age if s is not None]
-        per_rank = len(merged) // self.world_size
-        mine = merged[self.rank :: self.world_size][:per_rank][-self.buffer.capacity :]
+        buffers = [r["buffer"]["samples"] for r in saved]
+        mine = deal_replay_samples(buffers, self.world_size, self.rank, self.buffer.capacity)
         self.buffer.load_state_dict({"capacity": self.buffer.capacity, "samples": mine})
         if self.is_rank_zero:
             log.warning(
                 f"resuming on {self.world_size} rank(s) from a checkpoint written by {saved_world}: the data order "
                 "and policy draws continue; per-rank sampling generators re-seeded from (seed, rank, step); replay "
-                f"buffer of {len(merged)} samples dealt as {len(mine)} per rank")
+                f"buffer of {sum(map(len, buffers))} samples dealt as {len(mine)} per rank")
 
     def export(self, name: str = "hf_model", adapter_name: str = "peft_adapter") -> None:
         """The student in Hugging Face format (merged) in ``output_dir/name``, plus a PEFT

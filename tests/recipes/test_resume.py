@@ -158,6 +158,20 @@ def test_killed_run_resumes_on_another_number_of_ranks(tiny_assets, tmp_path, ex
     print(f"max relative loss / CE deviation and max abs weight deviation from the uninterrupted run: {measured}")
 
 
+def test_replay_buffers_are_dealt_to_another_number_of_ranks_in_age_order_and_equal_lengths():
+    from distillm_tune.recipes.kd_offpolicy import deal_replay_samples
+
+    two = [[("r0", i) for i in range(5)], [("r1", i) for i in range(5)]]  # two ranks' buffers, oldest first
+    one = deal_replay_samples(two, world_size=1, rank=0, capacity=100)
+    assert one == [(r, i) for i in range(5) for r in ("r0", "r1")]  # every sample, interleaved by age
+    assert deal_replay_samples(two, world_size=1, rank=0, capacity=4) == one[-4:]  # the newest when over capacity
+    back = [deal_replay_samples([one], world_size=2, rank=r, capacity=100) for r in (0, 1)]
+    assert back == two  # 2 -> 1 -> 2 gives every rank its own samples back
+    odd = [deal_replay_samples([one[:7]], world_size=2, rank=r, capacity=100) for r in (0, 1)]
+    assert [len(b) for b in odd] == [3, 3] and set(odd[0]).isdisjoint(odd[1])  # equal lengths on every rank
+    assert deal_replay_samples([[], []], world_size=1, rank=0, capacity=10) == []
+
+
 # --------------------------------------------------------------- 2. one run per output directory
 
 
