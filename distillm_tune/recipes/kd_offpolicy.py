@@ -780,6 +780,10 @@ class KDOffPolicyRecipe:
     def save_checkpoint(self) -> str:
         """All training state, so that ``resume_from_checkpoint=True`` continues exactly. Weights
         and optimizer state are written by every rank as its own shards (DCP, no gather)."""
+        # Before the first optimizer step (every step so far skipped) the optimizer has no state, and
+        # get_state_dict initialises it with a zero-learning-rate step: saved like that, then emptied
+        # again, so that the run (AdamW counts its steps) goes on as if nothing had been saved.
+        optimizer_empty = not self.optimizer.state
         model_state, optimizer_state = get_state_dict(self.student, self.optimizer, options=self._state_dict_options())
         recipe_state = {
             "run_id": self.checkpointer.run_id,
@@ -798,6 +802,7 @@ class KDOffPolicyRecipe:
             "total_steps": self.total_steps,
             "steps_per_epoch": self.steps_per_epoch,
             "world_size": self.world_size,
+            "optimizer_empty": optimizer_empty,
         }
         per_rank = {
             "buffer": self.buffer.state_dict(),
@@ -806,8 +811,12 @@ class KDOffPolicyRecipe:
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state() if self.device.type == "cuda" else None,
         }
-        path = self.checkpointer.save(self.global_step, recipe_state, per_rank,
-                                      {"model": model_state, "optimizer": optimizer_state})
+        try:
+            path = self.checkpointer.save(self.global_step, recipe_state, per_rank,
+                                          {"model": model_state, "optimizer": optimizer_state})
+        finally:
+            if optimizer_empty:
+                self.optimizer.state.clear()
         if self.is_rank_zero:
             log.info(f"saved training state at step {self.global_step} to {path}")
         return path
@@ -869,6 +878,8 @@ class KDOffPolicyRecipe:
         optimizer_state = get_optimizer_state_dict(self.student, self.optimizer, options=self._state_dict_options())
         self._checked("resume_from_checkpoint", self.checkpointer.load_sharded, path, "optimizer", optimizer_state)
         set_optimizer_state_dict(self.student, self.optimizer, optimizer_state, options=self._state_dict_options())
+        if rs.get("optimizer_empty"):  # saved before the first optimizer step: no state, as in the run
+            self.optimizer.state.clear()
         self.lr_scheduler.load_state_dict(rs["lr_scheduler"])
         apply_optimizer_changes(self.optimizer, self.lr_scheduler, self._resume_changes)
         self.scheduler.load_state_dict(rs["scheduler"])

@@ -172,6 +172,35 @@ def test_replay_buffers_are_dealt_to_another_number_of_ranks_in_age_order_and_eq
     assert deal_replay_samples([[], []], world_size=1, rank=0, capacity=10) == []
 
 
+def test_a_save_before_the_first_optimizer_step_changes_nothing_and_resumes_exactly(tiny_assets, tmp_path,
+                                                                                      monkeypatch):
+    """Step 1 is skipped (a NaN loss), so the optimizer has no state yet when step 1 is saved:
+    DCP's state-dict API would initialise it (a zero step), which must neither change the run
+    nor the resumed one (AdamW's bias correction counts steps)."""
+    from distillm_tune.recipes import kd_offpolicy
+
+    original = kd_offpolicy.KDOffPolicyRecipe._loss_sums
+
+    def loss_sums(self, batch):
+        div, ce = original(self, batch)
+        return (div * float("nan"), ce) if self.global_step == 0 else (div, ce)
+
+    monkeypatch.setattr(kd_offpolicy.KDOffPolicyRecipe, "_loss_sums", loss_sums)
+    args = ["method=kd", "keep_last_checkpoints=3"]
+    _, unsaved = run_recipe(tiny_assets, str(tmp_path / "unsaved"), *args)  # saves only at the end
+    out = tmp_path / "saved"
+    _, saved = run_recipe(tiny_assets, str(out), *args, "save_every_n_steps=1")
+    assert saved[0]["skipped_nonfinite"] == 1.0
+    assert [r["step"] for r in saved] == [r["step"] for r in unsaved] == [1, 2, 3]
+    assert_same_losses(saved[1:], unsaved[1:], rel=0, keys=("loss", "grad_norm"))  # step 1's loss is the NaN
+    assert_same_weights(out, tmp_path / "unsaved", rtol=0, atol=0)
+    (out / "checkpoints" / "latest").write_text("step_00000001")
+    shutil.rmtree(out / "hf_model")
+    _, resumed = run_recipe(tiny_assets, str(out), *args, "save_every_n_steps=1", "resume_from_checkpoint=true")
+    assert_same_losses([last_by_step(resumed)[s] for s in (2, 3)], unsaved[1:], rel=0, keys=("loss", "grad_norm"))
+    assert_same_weights(out, tmp_path / "unsaved", rtol=0, atol=0)
+
+
 # --------------------------------------------------------------- 2. one run per output directory
 
 
