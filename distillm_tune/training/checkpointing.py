@@ -47,7 +47,6 @@ log = logging.getLogger(__name__)
 
 SHARED_FILES = ("model.pt", "optimizer.pt", "recipe_state.pt")  # format 1 (before DCP), for its error
 FORMAT = 2  # 1: model.pt / optimizer.pt gathered on rank 0; 2: DCP folders, one shard file per rank
-SHARDED = ("model", "optimizer")  # the DCP folders of a checkpoint
 MANIFEST = "manifest.json"
 RUN_FILE = "run.json"
 
