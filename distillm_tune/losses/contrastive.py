@@ -22,7 +22,7 @@ The curricula are pure functions here; the recipe decides when they apply:
   curriculum starts). α is a coefficient: it carries no gradient.
 """
 
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Union
 
 import torch
 from torch import Tensor, nn

@@ -22,6 +22,8 @@ One optimizer step, as it reads below in ``_train_step``:
 """
 
 import contextlib
+import hashlib
+import itertools
 import math
 import os
 import sys
@@ -33,6 +35,14 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torchtune import config, training, utils
 from torchtune.modules.peft import get_adapter_params, set_trainable_params
 from tqdm import tqdm
@@ -88,6 +98,16 @@ def peak_memory_stats(device: torch.device) -> Dict[str, float]:
 
         return {"peak_memory_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}  # KiB -> GiB
     return training.get_memory_stats(device, reset_stats=False)
+
+
+def deal_replay_samples(buffers: List[List[Any]], world_size: int, rank: int, capacity: int) -> List[Any]:
+    """Rank ``rank``'s replay buffer (oldest first) when the per-rank ``buffers`` saved by another
+    number of ranks are shared among ``world_size``: the samples interleaved by age (every saved
+    rank's oldest, then the next ...), dealt round robin, every rank keeping the same number (the
+    data policy compares buffer lengths, equal on every rank), the newest ``capacity`` of them."""
+    merged = [s for age in itertools.zip_longest(*buffers) for s in age if s is not None]
+    per_rank = len(merged) // world_size
+    return merged[rank::world_size][:per_rank][-capacity:] if per_rank else []
 
 
 class RunStopped(RuntimeError):
@@ -237,9 +257,9 @@ class KDOffPolicyRecipe:
             self.loss_fn.compile_kernel()
 
         if resume_state is not None:
-            # Before the optimizer exists: under FSDP loading replaces the parameter objects, and an
-            # optimizer built earlier would keep stepping the old ones (and fail at the next save).
-            self._load_student_state(resume_state["model"], resume_path)
+            # Before the optimizer exists (DCP copies into the parameters in place; a loader that
+            # replaced them would leave an optimizer built earlier stepping the old ones).
+            self._load_student_state(resume_path)
         trainable = [p for p in self.student.parameters() if p.requires_grad]
         self.optimizer = config.instantiate(cfg.optimizer, trainable)
         self.lr_scheduler = config.instantiate(cfg.lr_scheduler, self.optimizer, num_training_steps=self.total_steps)
@@ -1102,43 +1122,41 @@ class KDOffPolicyRecipe:
 
     # ------------------------------------------------------------------------------ checkpoints
 
-    def _model_state(self) -> Dict[str, torch.Tensor]:
-        """Trainable weights, gathered to rank 0 under FSDP (full student or LoRA adapters)."""
-        if self.distributed:
-            return training.gather_cpu_state_dict(self.student, self.is_rank_zero, adapter_weights_only=self.lora is not None)
-        sd = self.student.state_dict()
-        if self.lora is not None:
-            sd = {k: v for k, v in sd.items() if k in get_adapter_params(self.student)}
-        return {k: v.detach().cpu() for k, v in sd.items()}
-
-    def _optimizer_state(self) -> Dict[str, Any]:
-        if self.distributed:
-            return training.get_full_optimizer_state_dict(self.student, self.optimizer, self.is_rank_zero)
-        return self.optimizer.state_dict()
+    def _state_dict_options(self) -> StateDictOptions:
+        """This rank's shards, no gather: DTensors under FSDP2, whole tensors in one process; the
+        trainable weights only (LoRA: the adapters; the frozen base comes from student.checkpoint_dir).
+        Not strict when set: DCP's load already refuses a key the checkpoint lacks, and the frozen
+        weights are meant to be absent."""
+        return StateDictOptions(full_state_dict=False, cpu_offload=False, ignore_frozen_params=self.lora is not None,
+                                strict=False)
 
     def save_checkpoint(self) -> str:
-        """All training state, so that ``resume_from_checkpoint=True`` continues exactly."""
-        shared = {
-            "model": self._model_state(),
-            "optimizer": self._optimizer_state(),
-            "recipe_state": {
-                "run_id": self.checkpointer.run_id,
-                "config": OmegaConf.to_container(self.cfg, resolve=True),
-                "global_step": self.global_step,
-                "epoch": self.epoch,
-                "step_in_epoch": self.step_in_epoch,
-                "train_time": self.train_time,
-                "best_rouge": self.best_rouge,
-                "first_val_loss": self.first_val_loss,
-                "diverged": self.diverged,
-                "scheduler": self.scheduler.state_dict(),
-                "lr_scheduler": self.lr_scheduler.state_dict(),
-                "policy_gen": self.policy_gen.get_state(),
-                "method": self.method,
-                "total_steps": self.total_steps,
-                "steps_per_epoch": self.steps_per_epoch,
-                **({"distillm2": self._distillm2_state()} if self.d2 is not None else {}),
-            },
+        """All training state, so that ``resume_from_checkpoint=True`` continues exactly. Weights
+        and optimizer state are written by every rank as its own shards (DCP, no gather)."""
+        # Before the first optimizer step (every step so far skipped) the optimizer has no state, and
+        # get_state_dict initialises it with a zero-learning-rate step: saved like that, then emptied
+        # again, so that the run (AdamW counts its steps) goes on as if nothing had been saved.
+        optimizer_empty = not self.optimizer.state
+        model_state, optimizer_state = get_state_dict(self.student, self.optimizer, options=self._state_dict_options())
+        recipe_state = {
+            "run_id": self.checkpointer.run_id,
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "global_step": self.global_step,
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "train_time": self.train_time,
+            "best_rouge": self.best_rouge,
+            "first_val_loss": self.first_val_loss,
+            "diverged": self.diverged,
+            "scheduler": self.scheduler.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "policy_gen": self.policy_gen.get_state(),
+            "method": self.method,
+            "total_steps": self.total_steps,
+            "steps_per_epoch": self.steps_per_epoch,
+            "world_size": self.world_size,
+            "optimizer_empty": optimizer_empty,
+            **({"distillm2": self._distillm2_state()} if self.d2 is not None else {}),
         }
         per_rank = {
             "buffer": self.buffer.state_dict(),
@@ -1147,7 +1165,12 @@ class KDOffPolicyRecipe:
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state() if self.device.type == "cuda" else None,
         }
-        path = self.checkpointer.save(self.global_step, shared if self.is_rank_zero else None, per_rank)
+        try:
+            path = self.checkpointer.save(self.global_step, recipe_state, per_rank,
+                                          {"model": model_state, "optimizer": optimizer_state})
+        finally:
+            if optimizer_empty:
+                self.optimizer.state.clear()
         if self.is_rank_zero:
             log.info(f"saved training state at step {self.global_step} to {path}")
         return path
@@ -1183,7 +1206,7 @@ class KDOffPolicyRecipe:
         def find() -> str:
             ckpt = self.checkpointer
             try:
-                path, skipped = ckpt.find_resumable(self.world_size)
+                path, skipped = ckpt.find_resumable()
             except ValueError as e:
                 raise _setting_error("resume_from_checkpoint", str(e)) from None
             if path is None:
@@ -1205,18 +1228,11 @@ class KDOffPolicyRecipe:
     def _read_resume_state(self, path: str) -> Dict[str, Any]:
         """The checkpoint's state, once its settings were compared with this run's (before any
         model is loaded): refused changes stop here, the others are logged and applied later."""
-        state = self._checked("resume_from_checkpoint", self.checkpointer.load, path)
+        state = self._checked("resume_from_checkpoint", self.checkpointer.load, path, self.world_size)
         rs = state["recipe_state"]
-        if "config" in rs:
-            self._resume_changes = config_changes(rs["config"], OmegaConf.to_container(self.cfg, resolve=True), path)
-        else:  # written before configs were kept in checkpoints
-            self._resume_changes = []
-            if rs["method"] != self.method or rs["total_steps"] != self.total_steps:
-                raise _setting_error(
-                    "resume_from_checkpoint",
-                    f"{path!r} was written by method={rs['method']} with {rs['total_steps']} total steps; "
-                    f"this run has method={self.method} with {self.total_steps}",
-                )
+        # another number of processes only with the same global micro-batch (batch_size x ranks)
+        self._resume_changes = config_changes(rs["config"], OmegaConf.to_container(self.cfg, resolve=True), path,
+                                              state["world_size"], self.world_size)
         if rs.get("steps_per_epoch", self.steps_per_epoch) != self.steps_per_epoch:
             raise _setting_error(
                 "dataset.source",
@@ -1228,20 +1244,21 @@ class KDOffPolicyRecipe:
                                            f"{rs['global_step']} {path!r} has already trained")
         return state
 
-    def _load_student_state(self, model_state: Dict[str, torch.Tensor], path: str) -> None:
-        if self.distributed:
-            training.load_from_full_model_state_dict(self.student, model_state, self.device, strict=False)
-            return
-        missing, unexpected = self.student.load_state_dict(model_state, strict=False)
-        if unexpected or (self.lora is None and missing):
-            raise ValueError(f"{path}/model.pt does not fit the student: missing {missing}, unexpected {unexpected}")
+    def _load_student_state(self, path: str) -> None:
+        """The checkpoint's trainable weights into this run's student, each rank reading the parts
+        of the saved shards that its own shards cover (DCP reshards: N ranks wrote, M read)."""
+        options = self._state_dict_options()
+        state = get_model_state_dict(self.student, options=options)
+        self._checked("resume_from_checkpoint", self.checkpointer.load_sharded, path, "model", state)
+        set_model_state_dict(self.student, state, options=options)
 
     def _resume(self, state: Dict[str, Any], path: str) -> None:
         rs = state["recipe_state"]
-        if self.distributed:
-            training.load_from_full_optimizer_state_dict(self.student, self.optimizer, state["optimizer"], self.device)
-        else:
-            self.optimizer.load_state_dict(state["optimizer"])
+        optimizer_state = get_optimizer_state_dict(self.student, self.optimizer, options=self._state_dict_options())
+        self._checked("resume_from_checkpoint", self.checkpointer.load_sharded, path, "optimizer", optimizer_state)
+        set_optimizer_state_dict(self.student, self.optimizer, optimizer_state, options=self._state_dict_options())
+        if rs.get("optimizer_empty"):  # saved before the first optimizer step: no state, as in the run
+            self.optimizer.state.clear()
         self.lr_scheduler.load_state_dict(rs["lr_scheduler"])
         apply_optimizer_changes(self.optimizer, self.lr_scheduler, self._resume_changes)
         self.scheduler.load_state_dict(rs["scheduler"])
@@ -1251,17 +1268,43 @@ class KDOffPolicyRecipe:
         self.first_val_loss, self.diverged = rs.get("first_val_loss"), rs.get("diverged", False)
         if self.d2 is not None:
             self._load_distillm2_state(rs["distillm2"])
-        r = state["rank"]
-        self.buffer.load_state_dict(r["buffer"])
-        self.sample_gen.set_state(r["sample_gen"])
-        self.buffer_gen.set_state(r["buffer_gen"])
-        torch.set_rng_state(r["torch_rng"])
-        if r["cuda_rng"] is not None:
-            torch.cuda.set_rng_state(r["cuda_rng"])
+        if state["world_size"] == self.world_size:
+            r = state["ranks"][0]
+            self.buffer.load_state_dict(r["buffer"])
+            self.sample_gen.set_state(r["sample_gen"])
+            self.buffer_gen.set_state(r["buffer_gen"])
+            torch.set_rng_state(r["torch_rng"])
+            if r["cuda_rng"] is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(r["cuda_rng"])
+        else:
+            self._resume_rank_state_on_new_world(state["ranks"], state["world_size"])
         if self.checkpointer.run_id is None:  # a checkpoint from before run ids: adopt one now
             self.checkpointer.start_run()
         if self.is_rank_zero:
             log.info(f"resumed from {path} at step {self.global_step} (epoch {self.epoch})")
+
+    def _resume_rank_state_on_new_world(self, saved: List[Dict[str, Any]], saved_world: int) -> None:
+        """Per-rank state after a change in the number of processes (docs/resume.md). The data
+        order and the policy draws are global and continue unchanged. The per-rank streams cannot
+        (rank r of M ranks has no counterpart among N): the sampling, replay and torch generators
+        are re-seeded from (seed, rank, step), the same on every resume of this step; the replay
+        buffers' samples are interleaved in age order and dealt round robin, every rank keeping the
+        same number (the policy compares equal lengths on every rank), the newest when over capacity."""
+        def seed_for(stream: str) -> int:
+            text = f"{self.seed}/{stream}/{self.rank}/{self.global_step}"
+            return int(hashlib.sha256(text.encode()).hexdigest()[:15], 16)
+
+        self.sample_gen.manual_seed(seed_for("sample"))
+        self.buffer_gen.manual_seed(seed_for("buffer"))
+        torch.manual_seed(seed_for("torch"))  # also seeds CUDA
+        buffers = [r["buffer"]["samples"] for r in saved]
+        mine = deal_replay_samples(buffers, self.world_size, self.rank, self.buffer.capacity)
+        self.buffer.load_state_dict({"capacity": self.buffer.capacity, "samples": mine})
+        if self.is_rank_zero:
+            log.warning(
+                f"resuming on {self.world_size} rank(s) from a checkpoint written by {saved_world}: the data order "
+                "and policy draws continue; per-rank sampling generators re-seeded from (seed, rank, step); replay "
+                f"buffer of {sum(map(len, buffers))} samples dealt as {len(mine)} per rank")
 
     def export(self, name: str = "hf_model", adapter_name: str = "peft_adapter") -> None:
         """The student in Hugging Face format (merged) in ``output_dir/name``, plus a PEFT

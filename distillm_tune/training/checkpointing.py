@@ -4,12 +4,19 @@ Layout under ``output_dir/checkpoints``::
 
     run.json                the id of the run these checkpoints belong to
     step_00000040/          one complete checkpoint
-        model.pt            trainable weights (full student, or LoRA adapters only)   [rank 0]
-        optimizer.pt        optimizer state (full, gathered)                         [rank 0]
+        model/              trainable weights (full student, or LoRA adapters only) written with
+                            torch.distributed.checkpoint (DCP): ``.metadata`` + one
+                            ``__<rank>_0.distcp`` per rank holding that rank's shards   [every rank]
+        optimizer/          optimizer state, DCP, sharded like the weights             [every rank]
         recipe_state.pt     step, data cursor, schedulers, shared RNG, config, ...   [rank 0]
         rank_00000.pt       what differs per rank: replay buffer, RNG states          [each rank]
-        manifest.json       run id, step, world size, size and sha256 of every file  [rank 0, last]
+        manifest.json       format 2, run id, step, world size, size and sha256 of every file
+                            (``model/__0_0.distcp`` ...)                              [rank 0, last]
     latest                  the name of the newest complete checkpoint
+
+No rank gathers the full model or optimizer: each writes its own shards (one process writes one
+shard of everything; DCP needs no process group then). DCP reshards on load, so a checkpoint
+written by N ranks loads on M ranks (the recipe decides what else must hold, docs/resume.md).
 
 Every rank writes into ``.step_00000040.tmp``; rank 0 writes the manifest and renames the folder
 to ``step_00000040`` only after all ranks have finished, then rewrites ``latest`` through a
@@ -28,16 +35,48 @@ import logging
 import os
 import shutil
 import uuid
+import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
 log = logging.getLogger(__name__)
 
-SHARED_FILES = ("model.pt", "optimizer.pt", "recipe_state.pt")
+SHARED_FILES = ("model.pt", "optimizer.pt", "recipe_state.pt")  # format 1 (before DCP), for its error
+FORMAT = 2  # 1: model.pt / optimizer.pt gathered on rank 0; 2: DCP folders, one shard file per rank
 MANIFEST = "manifest.json"
 RUN_FILE = "run.json"
+
+
+def _dcp_no_dist() -> bool:
+    return not (dist.is_available() and dist.is_initialized())
+
+
+def dcp_save(state_dict: Dict[str, Any], folder: str) -> None:
+    """``torch.distributed.checkpoint.save`` of this rank's shards into ``folder`` (collective when
+    a process group exists; one process writes everything without one)."""
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(state_dict, checkpoint_id=folder, no_dist=_dcp_no_dist())
+
+
+def dcp_load(state_dict: Dict[str, Any], folder: str) -> None:
+    """Fill ``state_dict`` (tensors or DTensors laid out as this run shards them) in place from the
+    DCP ``folder``, whatever number of ranks wrote it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state_dict, checkpoint_id=folder, no_dist=_dcp_no_dist())
+
+
+def _files_under(folder: str) -> List[str]:
+    """Every file below ``folder``, as sorted paths relative to it (``model/__0_0.distcp``)."""
+    out = []
+    for root, _, files in os.walk(folder):
+        out += [os.path.relpath(os.path.join(root, f), folder) for f in files]
+    return sorted(out)
 
 
 def _barrier() -> None:
@@ -87,6 +126,17 @@ def step_of(name: str) -> int:
     return int(name[len("step_"):])
 
 
+def _first_line(error: BaseException, limit: int = 400) -> str:
+    """DCP wraps a rank's failure in a CheckpointException whose text is a traceback per rank:
+    the innermost error (e.g. the OSError of a full disk) says what happened."""
+    failures = error.args[1] if isinstance(error, CheckpointException) and len(error.args) > 1 else None
+    if isinstance(failures, dict) and failures:
+        rank, inner = sorted(failures.items())[0]
+        inner = inner[0] if isinstance(inner, tuple) else inner
+        return f"on rank {rank}: {type(inner).__name__}: {str(inner).strip()}"[:limit]
+    return str(error).strip().splitlines()[0][:limit] if str(error).strip() else repr(error)
+
+
 class CheckpointWriteError(OSError):
     """A checkpoint or export could not be written; the previous one is intact."""
 
@@ -131,9 +181,12 @@ class RecipeCheckpointer:
 
     # ------------------------------------------------------------------------------------ save
 
-    def save(self, step: int, shared: Optional[Dict[str, Any]], per_rank: Dict[str, Any]) -> str:
-        """Collective: every rank calls it; ``shared`` (model, optimizer, recipe_state) only
-        matters on rank 0. Raises :class:`CheckpointWriteError` on every rank if any rank fails."""
+    def save(self, step: int, recipe_state: Optional[Dict[str, Any]], per_rank: Dict[str, Any],
+             sharded: Dict[str, Dict[str, Any]]) -> str:
+        """Collective: every rank calls it. ``sharded`` maps a folder name (``model``,
+        ``optimizer``) to this rank's state dict of (D)Tensors, written with DCP by every rank;
+        ``recipe_state`` only matters on rank 0; ``per_rank`` is this rank's own file. Raises
+        :class:`CheckpointWriteError` on every rank if any rank fails."""
         final = os.path.join(self.root, self.name(step))
         tmp = os.path.join(self.root, f".{self.name(step)}.tmp")
         error = None
@@ -146,11 +199,13 @@ class RecipeCheckpointer:
                 error = e
         if all_ranks_ok(error is None, self.device):
             try:
+                # DCP's own collectives carry a failure on one rank to all (CheckpointException)
+                for name, state in sharded.items():
+                    dcp_save(state, os.path.join(tmp, name))
                 torch.save(per_rank, os.path.join(tmp, f"rank_{self.rank:05d}.pt"))
                 if self.rank == 0:
-                    for key in ("model", "optimizer", "recipe_state"):
-                        torch.save(shared[key], os.path.join(tmp, f"{key}.pt"))
-            except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError
+                    torch.save(recipe_state, os.path.join(tmp, "recipe_state.pt"))
+            except (Exception, CheckpointException) as e:  # noqa: BLE001 - torch reports a full disk as a RuntimeError
                 error = e
         ok = all_ranks_ok(error is None, self.device)
         if ok and self.rank == 0:
@@ -168,7 +223,7 @@ class RecipeCheckpointer:
             previous = self.latest_pointer()
             raise CheckpointWriteError(
                 f"could not write checkpoint {final!r}"
-                + (f": {type(error).__name__}: {error}" if error is not None else " (failed on another rank)")
+                + (f": {type(error).__name__}: {_first_line(error)}" if error is not None else " (failed on another rank)")
                 + f"; {free_space(self.root)} on that file system. The torn folder was removed; "
                 + (f"the previous checkpoint {previous!r} is intact." if previous else "no earlier checkpoint exists.")
             )
@@ -179,11 +234,11 @@ class RecipeCheckpointer:
 
     def _write_manifest(self, folder: str, step: int) -> None:
         files = {}
-        for f in sorted(os.listdir(folder)):
+        for f in _files_under(folder):
             p = os.path.join(folder, f)
             files[f] = {"bytes": os.path.getsize(p), "sha256": sha256_of(p)}
-        manifest = {"run_id": self.run_id, "step": step, "world_size": len([f for f in files if f.startswith("rank_")]),
-                    "files": files}
+        manifest = {"format": FORMAT, "run_id": self.run_id, "step": step,
+                    "world_size": len([f for f in files if f.startswith("rank_")]), "files": files}
         _write_text_atomic(os.path.join(folder, MANIFEST), json.dumps(manifest, indent=1))
 
     def _names(self) -> List[str]:
@@ -229,16 +284,16 @@ class RecipeCheckpointer:
         names = self._names()
         return os.path.join(self.root, names[-1]) if names else None
 
-    def verify(self, path: str, world_size: int) -> Optional[str]:
-        """None if the checkpoint at ``path`` is intact and fits ``world_size`` ranks, else why not."""
+    def verify(self, path: str) -> Optional[str]:
+        """None if the checkpoint at ``path`` is intact (every file of its manifest there, with its
+        size and sha256), else why not. Any number of ranks may resume it (:meth:`world_size_of`)."""
         manifest_path = os.path.join(path, MANIFEST)
         if not os.path.isfile(manifest_path):
             # written before manifests existed: the files must at least be there
             missing = [f for f in SHARED_FILES if not os.path.isfile(os.path.join(path, f))]
             if missing:
                 return f"missing {missing}"
-            n_ranks = len([f for f in os.listdir(path) if f.startswith("rank_")])
-            manifest = {"world_size": n_ranks, "files": {}}
+            manifest = {"files": {}}
         else:
             try:
                 with open(manifest_path) as f:
@@ -255,15 +310,18 @@ class RecipeCheckpointer:
                 return f"{name} has {size} bytes, the manifest says {meta['bytes']}"
             if sha256_of(p) != meta["sha256"]:
                 return f"{name} does not match its sha256 in the manifest"
-        n_ranks = manifest.get("world_size")
-        if n_ranks != world_size:
-            raise ValueError(
-                f"checkpoint {path!r} was written by {n_ranks} ranks but this run has {world_size}: "
-                "resume with the same number of processes"
-            )
         return None
 
-    def find_resumable(self, world_size: int) -> Tuple[Optional[str], List[Tuple[str, str]]]:
+    @staticmethod
+    def manifest_of(path: str) -> Dict[str, Any]:
+        """The manifest of a verified checkpoint (``{}`` for one written before manifests)."""
+        try:
+            with open(os.path.join(path, MANIFEST)) as f:
+                return json.load(f)
+        except OSError:
+            return {}
+
+    def find_resumable(self) -> Tuple[Optional[str], List[Tuple[str, str]]]:
         """(newest intact checkpoint of this output dir's run, [(skipped path, why)]).
 
         Candidates are the checkpoint ``latest`` names, then the others up to its step, newest
@@ -282,7 +340,7 @@ class RecipeCheckpointer:
             other_run = self._run_of(os.path.basename(path))
             if run_id is not None and other_run is not None and other_run != run_id:
                 continue
-            why = self.verify(path, world_size)
+            why = self.verify(path)
             if why is None:
                 return path, skipped
             skipped.append((path, why))
@@ -295,9 +353,19 @@ class RecipeCheckpointer:
         os.replace(path, target)
         return target
 
-    def load(self, path: str) -> Dict[str, Any]:
-        """``{"model", "optimizer", "recipe_state", "rank"}`` of a verified checkpoint for this rank."""
-        rank_file = os.path.join(path, f"rank_{self.rank:05d}.pt")
+    def load(self, path: str, world_size: int) -> Dict[str, Any]:
+        """The non-tensor state of a verified checkpoint for this rank: ``{"recipe_state",
+        "world_size" (of the run that wrote it), "ranks" (the per-rank states: this rank's alone
+        when ``world_size`` is the saved one, else every saved rank's, in rank order)}``. The
+        sharded tensors are read by :meth:`load_sharded`. Raises ``ValueError`` naming the file."""
+        manifest = self.manifest_of(path)
+        if manifest.get("format", 1) != FORMAT:
+            raise ValueError(
+                f"checkpoint {path!r} is in format {manifest.get('format', 1)} (model.pt/optimizer.pt gathered on "
+                f"rank 0, written before sharded checkpoints); this version reads format {FORMAT} (DCP). Resume it "
+                "with the version that wrote it, or start a new run"
+            )
+        saved_world = int(manifest["world_size"])
 
         def load(f):
             full = os.path.join(path, f)
@@ -306,7 +374,18 @@ class RecipeCheckpointer:
             except Exception as e:  # noqa: BLE001 - any failure to read is reported with the file
                 raise ValueError(f"cannot read checkpoint file {full!r}: {type(e).__name__}: {e}") from e
 
-        state = {key: load(f"{key}.pt") for key in ("model", "optimizer", "recipe_state")}
-        state["rank"] = load(os.path.basename(rank_file))
+        ranks = [self.rank] if saved_world == world_size else range(saved_world)
+        state = {"recipe_state": load("recipe_state.pt"), "world_size": saved_world,
+                 "ranks": [load(f"rank_{r:05d}.pt") for r in ranks]}
         self.run_id = state["recipe_state"].get("run_id") or self._run_of(os.path.basename(path))
         return state
+
+    def load_sharded(self, path: str, name: str, state_dict: Dict[str, Any]) -> None:
+        """Collective: fill ``state_dict`` (laid out as this run shards it) in place from the DCP
+        folder ``name`` of the checkpoint at ``path``, whatever number of ranks wrote it."""
+        folder = os.path.join(path, name)
+        try:
+            dcp_load(state_dict, folder)
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - a missing key, an unreadable file
+            raise ValueError(f"cannot read the sharded checkpoint {folder!r}: {type(e).__name__}: "
+                             f"{_first_line(e)}") from e

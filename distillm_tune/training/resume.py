@@ -15,11 +15,14 @@ log = logging.getLogger(__name__)
 
 # Keys (and every key below them) that must keep their value on resume.
 REFUSED = (
-    "method", "loss", "kd_ratio", "seed", "batch_size", "gradient_accumulation_steps", "max_steps_per_epoch",
+    "method", "loss", "kd_ratio", "seed", "gradient_accumulation_steps", "max_steps_per_epoch",
     "max_seq_len", "max_prompt_len", "dataset", "validation.dataset", "seqkd_data", "lm", "student.checkpoint_dir",
     "student.lora", "teacher",
     "sgo", "distillm2", "guards.degenerate_sgo", "guards.max_repeated_ngram_fraction", "dtype", "optimizer._component_", "lr_scheduler._component_",
 )
+# Per-rank batch sizes: they may change only with the number of processes, so that the global
+# micro-batch (per-rank size x ranks) stays what it was (``lm.batch_size``: when the LM term is on).
+PER_RANK_BATCH = ("batch_size", "lm.batch_size")
 # Keys that only say how to start, not what the run is.
 IGNORED = ("resume_from_checkpoint", "overwrite")
 
@@ -48,21 +51,55 @@ def _under(key: str, prefixes: Sequence[str]) -> bool:
     return any(key == p or key.startswith(p + ".") for p in prefixes)
 
 
-def config_changes(saved: Dict[str, Any], current: Dict[str, Any], checkpoint: str) -> List[Change]:
-    """The changes to apply; raises ``ValueError`` naming the first refused key."""
+def _global_batch_error(saved: Dict[str, Any], current: Dict[str, Any], checkpoint: str, saved_world: int,
+                        world: int) -> Optional[str]:
+    """Why the per-rank batch sizes do not keep the global micro-batch on ``world`` ranks, or None."""
+    def sizes(cfg):
+        lm = cfg.get("lm") or {}
+        lm_on = lm.get("dataset") is not None
+        return {"batch_size": cfg["batch_size"],
+                "lm.batch_size": (lm.get("batch_size") or cfg["batch_size"]) if lm_on else None}
+
+    before, after = sizes(saved), sizes(current)
+    for key in PER_RANK_BATCH:  # the LM term on or off is refused with lm.dataset before this check
+        if before[key] is None or after[key] is None or before[key] * saved_world == after[key] * world:
+            continue
+        total = before[key] * saved_world
+        fix = (f"Set {key}={total // world}" if total % world == 0 else
+               f"Use a number of processes that divides {total}")
+        return (f"config {key}: is {after[key]} on {world} rank(s) but {checkpoint!r} was written with "
+                f"{before[key]} on {saved_world} rank(s); it cannot change when resuming unless the global "
+                f"micro-batch ({key} x ranks) stays {total}, it would be {after[key] * world}. {fix}, or start a new "
+                "run in another output_dir or with overwrite=true")
+    return None
+
+
+def config_changes(saved: Dict[str, Any], current: Dict[str, Any], checkpoint: str, saved_world: int = 1,
+                   world: int = 1) -> List[Change]:
+    """The changes to apply; raises ``ValueError`` naming the first refused key. ``saved_world``:
+    the number of ranks that wrote the checkpoint, ``world``: this run's; the per-rank batch sizes
+    may differ when their product with the number of ranks does not."""
+    def without_lm_batch(cfg):  # lm.batch_size is checked with the number of ranks, the rest of lm as refused
+        lm = cfg.get("lm")
+        return {**cfg, "lm": {k: v for k, v in lm.items() if k != "batch_size"}} if isinstance(lm, dict) else cfg
+
     old, new = flatten(saved), flatten(current)
     missing = object()
     changes = [(k, old.get(k, missing), new.get(k, missing)) for k in sorted(set(old) | set(new))
                if old.get(k, missing) != new.get(k, missing) and not _under(k, IGNORED)]
     changes = [(k, None if a is missing else a, None if b is missing else b) for k, a, b in changes]
+    fixed_old, fixed_new = without_lm_batch(saved), without_lm_batch(current)
     for key in REFUSED:  # compared as whole subtrees, so the message shows e.g. all of ``loss``
-        before, after = _subtree(saved, key), _subtree(current, key)
+        before, after = _subtree(fixed_old, key), _subtree(fixed_new, key)
         if before != after:
             raise ValueError(
                 f"config {key}: is {after!r} but {checkpoint!r} was written with {before!r}; it cannot change "
                 "when resuming (the run would not be the one checkpointed). Set it back, or start a new run "
                 "in another output_dir or with overwrite=true"
             )
+    why = _global_batch_error(saved, current, checkpoint, saved_world, world)
+    if why is not None:
+        raise ValueError(why)
     for key, before, after in changes:
         log.warning(f"changed on resume: {key} {before!r} -> {after!r}")
     return changes

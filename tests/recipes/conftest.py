@@ -95,7 +95,7 @@ def last_by_step(rows):
 # Imported at start-up by every Python process of a test's run (launcher and torchrun workers
 # alike) when its folder leads PYTHONPATH: sends KILL_SIGNAL (SIGKILL if unset) to the process of
 # rank KILL_RANK (any rank if unset) at step KILL_STEP: right after that checkpoint is complete
-# (after_save), while it is half written (during_save: after model.pt, before optimizer.pt), or
+# (after_save), while it is half written (during_save: after the model/ shards, before optimizer/), or
 # as that training step begins (step; one micro-batch per step).
 KILLER = r'''
 import os
@@ -109,19 +109,19 @@ if os.environ.get("KILL_STEP") and os.environ.get("RANK", "0") == os.environ.get
     torn = "." + checkpointing.RecipeCheckpointer.name(kill_step) + ".tmp"
     if phase == "after_save":
         original = checkpointing.RecipeCheckpointer.save
-        def save(self, step, shared, per_rank):
-            path = original(self, step, shared, per_rank)
+        def save(self, step, *args, **kwargs):
+            path = original(self, step, *args, **kwargs)
             if step == kill_step:
                 os.kill(os.getpid(), sig)
             return path
         checkpointing.RecipeCheckpointer.save = save
     elif phase == "during_save":
-        original_save = torch.save
-        def torch_save(obj, path, *a, **k):
-            if torn in str(path) and str(path).endswith("optimizer.pt"):
+        original_dcp_save = checkpointing.dcp_save
+        def dcp_save(state_dict, folder):
+            if torn in str(folder) and str(folder).endswith("optimizer"):
                 os.kill(os.getpid(), sig)
-            return original_save(obj, path, *a, **k)
-        torch.save = torch_save
+            return original_dcp_save(state_dict, folder)
+        checkpointing.dcp_save = dcp_save
     else:  # the recipe runs as __main__ (runpy): patch what it imports, before it does
         import distillm_tune.sgo as sgo
         original_uniform, calls = sgo.shared_uniform, []

@@ -18,6 +18,7 @@ from conftest import (
     REPO,
     assert_same_losses,
     assert_same_weights,
+    hf_weights,
     killer_env,
     last_by_step,
     read_metrics,
@@ -94,6 +95,112 @@ def test_finished_two_process_run_resumed_with_more_epochs_is_the_longer_run(tin
     assert_same_weights(out, tmp_path / "longer", rtol=0, atol=1e-6)
 
 
+# ---------------------------------------------- 1b. resume on another number of ranks (DCP)
+
+# The same global micro-batch (8 samples) on 1 and 2 processes; the uninterrupted run is the
+# one-process run (equal to the two-process one up to float summation order,
+# test_two_processes_give_the_losses_of_one_with_the_same_global_batch).
+ON_RANKS = {1: "batch_size=8", 2: "batch_size=4"}
+# Measured (full and LoRA, 2->1 and 1->2): max relative loss deviation 1.6e-6, CE 1.5e-7, max abs
+# weight deviation 2.4e-6 (docs/resume.md); the bounds are those of 2 processes vs 1 uninterrupted.
+LOSS_REL, WEIGHT_ATOL = 1e-5, 1e-5
+
+
+def _max_rel(rows, ref, key):
+    return max(abs(a[key] - b[key]) / max(abs(b[key]), 1e-30) for a, b in zip(rows, ref))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [[], [LORA]], ids=["full", "lora"])
+def test_killed_run_resumes_on_another_number_of_ranks(tiny_assets, tmp_path, extra):
+    """SIGKILL after the step-4 checkpoint, then resume 2 -> 1 and 1 -> 2 ranks with the same global
+    batch: every step's loss and the final weights are those of the uninterrupted run."""
+    _, ref = run_recipe(tiny_assets, str(tmp_path / "ref"), *TWO_PROC, *extra, ON_RANKS[1])
+    measured = {}
+    for before, after in ((2, 1), (1, 2)):
+        out = tmp_path / f"{before}to{after}"
+        killed = _tune(tmp_path, tiny_assets, out, *extra, ON_RANKS[before], nproc=before if before > 1 else None,
+                       env=killer_env(tmp_path, 4, rank=1 if before > 1 else None))
+        assert killed.returncode != 0 and (out / "checkpoints" / "latest").is_file(), killed.stderr[-3000:]
+        ckpt = out / "checkpoints" / "step_00000004"
+        assert open(out / "checkpoints" / "latest").read() == "step_00000004" and not (out / "hf_model").exists()
+        assert sorted(os.listdir(ckpt / "model")) == [".metadata"] + [f"__{r}_0.distcp" for r in range(before)]
+
+        # the per-rank batch size kept: another global batch, refused before any model loads
+        if after == 1:
+            with pytest.raises(ValueError, match=r"config batch_size: is 4 on 1 rank\(s\) but .*step_00000004' was "
+                                                 r"written with 4 on 2 rank\(s\); it cannot change when resuming unless "
+                                                 r"the global micro-batch \(batch_size x ranks\) stays 8, it would be 4. "
+                                                 r"Set batch_size=8"):
+                run_recipe(tiny_assets, str(out), *TWO_PROC, *extra, ON_RANKS[2], "resume_from_checkpoint=true")
+        else:
+            refused = _tune(tmp_path, tiny_assets, out, *extra, ON_RANKS[1], "resume_from_checkpoint=true")
+            assert refused.returncode != 0
+            assert "config batch_size: is 8 on 2 rank(s) but" in refused.stderr
+            assert "stays 8, it would be 16. Set batch_size=4" in refused.stderr
+
+        if after == 1:
+            run_recipe(tiny_assets, str(out), *TWO_PROC, *extra, ON_RANKS[1], "resume_from_checkpoint=true")
+        else:
+            resumed = _tune(tmp_path, tiny_assets, out, *extra, ON_RANKS[2], "resume_from_checkpoint=true")
+            assert resumed.returncode == 0, resumed.stderr[-3000:]
+            assert "resumed from" in resumed.stderr + resumed.stdout
+        rows = last_by_step(read_metrics(str(out)))
+        assert sorted(rows) == [1, 2, 3, 4, 5, 6]
+        rows = [rows[s] for s in sorted(rows)]
+        assert_same_losses(rows, ref, rel=LOSS_REL, keys=("loss", "loss_ce", "lr"))
+        assert_same_weights(out, tmp_path / "ref", rtol=0, atol=WEIGHT_ATOL)
+        if extra:
+            assert (out / "peft_adapter" / "adapter_config.json").is_file()
+        wa, wb = hf_weights(out), hf_weights(tmp_path / "ref")
+        measured[f"{before}->{after}"] = (_max_rel(rows, ref, "loss"), _max_rel(rows, ref, "loss_ce"),
+                                          max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wb))
+    print(f"max relative loss / CE deviation and max abs weight deviation from the uninterrupted run: {measured}")
+
+
+def test_replay_buffers_are_dealt_to_another_number_of_ranks_in_age_order_and_equal_lengths():
+    from distillm_tune.recipes.kd_offpolicy import deal_replay_samples
+
+    two = [[("r0", i) for i in range(5)], [("r1", i) for i in range(5)]]  # two ranks' buffers, oldest first
+    one = deal_replay_samples(two, world_size=1, rank=0, capacity=100)
+    assert one == [(r, i) for i in range(5) for r in ("r0", "r1")]  # every sample, interleaved by age
+    assert deal_replay_samples(two, world_size=1, rank=0, capacity=4) == one[-4:]  # the newest when over capacity
+    back = [deal_replay_samples([one], world_size=2, rank=r, capacity=100) for r in (0, 1)]
+    assert back == two  # 2 -> 1 -> 2 gives every rank its own samples back
+    odd = [deal_replay_samples([one[:7]], world_size=2, rank=r, capacity=100) for r in (0, 1)]
+    assert [len(b) for b in odd] == [3, 3] and set(odd[0]).isdisjoint(odd[1])  # equal lengths on every rank
+    assert deal_replay_samples([[], []], world_size=1, rank=0, capacity=10) == []
+
+
+def test_a_save_before_the_first_optimizer_step_changes_nothing_and_resumes_exactly(tiny_assets, tmp_path,
+                                                                                      monkeypatch):
+    """Step 1 is skipped (a NaN loss), so the optimizer has no state yet when step 1 is saved:
+    DCP's state-dict API would initialise it (a zero step), which must neither change the run
+    nor the resumed one (AdamW's bias correction counts steps)."""
+    from distillm_tune.recipes import kd_offpolicy
+
+    original = kd_offpolicy.KDOffPolicyRecipe._loss_sums
+
+    def loss_sums(self, batch):
+        div, ce = original(self, batch)
+        return (div * float("nan"), ce) if self.global_step == 0 else (div, ce)
+
+    monkeypatch.setattr(kd_offpolicy.KDOffPolicyRecipe, "_loss_sums", loss_sums)
+    args = ["method=kd", "keep_last_checkpoints=3"]
+    _, unsaved = run_recipe(tiny_assets, str(tmp_path / "unsaved"), *args)  # saves only at the end
+    out = tmp_path / "saved"
+    _, saved = run_recipe(tiny_assets, str(out), *args, "save_every_n_steps=1")
+    assert saved[0]["skipped_nonfinite"] == 1.0
+    assert [r["step"] for r in saved] == [r["step"] for r in unsaved] == [1, 2, 3]
+    assert_same_losses(saved[1:], unsaved[1:], rel=0, keys=("loss", "grad_norm"))  # step 1's loss is the NaN
+    assert_same_weights(out, tmp_path / "unsaved", rtol=0, atol=0)
+    (out / "checkpoints" / "latest").write_text("step_00000001")
+    shutil.rmtree(out / "hf_model")
+    _, resumed = run_recipe(tiny_assets, str(out), *args, "save_every_n_steps=1", "resume_from_checkpoint=true")
+    assert_same_losses([last_by_step(resumed)[s] for s in (2, 3)], unsaved[1:], rel=0, keys=("loss", "grad_norm"))
+    assert_same_weights(out, tmp_path / "unsaved", rtol=0, atol=0)
+
+
 # --------------------------------------------------------------- 2. one run per output directory
 
 
@@ -144,7 +251,7 @@ def test_corrupt_newest_checkpoint_resumes_from_the_previous_intact_one(tiny_ass
     _, full = run_recipe(tiny_assets, str(tmp_path / "full"), *args)
     out = tmp_path / "run"
     run_recipe(tiny_assets, str(out), *args)  # checkpoints at steps 2, 4, 6
-    victim = out / "checkpoints" / "step_00000006" / "optimizer.pt"
+    victim = out / "checkpoints" / "step_00000006" / "optimizer" / "__0_0.distcp"  # this rank's optimizer shard
     data = victim.read_bytes()
     if damage == "truncate":
         victim.write_bytes(data[: len(data) // 3])
@@ -164,10 +271,10 @@ def test_corrupt_newest_checkpoint_resumes_from_the_previous_intact_one(tiny_ass
 
 def test_no_intact_checkpoint_is_an_error_listing_each_one(tiny_assets, tmp_path):
     run_recipe(tiny_assets, str(tmp_path), "method=kd", "save_every_n_steps=1", "keep_last_checkpoints=1")
-    model = tmp_path / "checkpoints" / "step_00000003" / "model.pt"
+    model = tmp_path / "checkpoints" / "step_00000003" / "model" / "__0_0.distcp"
     model.write_bytes(b"")
     with pytest.raises(ValueError, match=r"config resume_from_checkpoint: no intact checkpoint .*step_00000003: "
-                                         r"model.pt has 0 bytes"):
+                                         r"model/__0_0.distcp has 0 bytes"):
         run_recipe(tiny_assets, str(tmp_path), "method=kd", "save_every_n_steps=1", "keep_last_checkpoints=1",
                    "resume_from_checkpoint=true")
 
