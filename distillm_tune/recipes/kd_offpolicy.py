@@ -65,7 +65,7 @@ from distillm_tune.training.output_dir import claim_output_dir
 from distillm_tune.training.quantization import model_bytes, quantize_frozen
 from distillm_tune.training.resume import apply_optimizer_changes, config_changes
 from distillm_tune.training.settings import check_schema, read_schema
-from distillm_tune.recipes.schema import DISTILLM2_PRESETS, KDOffPolicyConfig
+from distillm_tune.recipes.schema import DISTILLM2_PRESETS, DistiLLM2Config, KDOffPolicyConfig
 
 log = utils.get_logger("INFO")
 
@@ -134,6 +134,12 @@ def check_config(cfg: DictConfig) -> DictConfig:
         raise _setting_error("max_prompt_len", f"must be below max_seq_len={cfg.max_seq_len}, got {cfg.max_prompt_len}")
     if METHOD_LOSSES[cfg.method] is not None and cfg.teacher.checkpoint_dir is None:
         raise _setting_error("teacher.checkpoint_dir", f"required by method={cfg.method} (a teacher checkpoint directory)")
+    if cfg.method == "distillm2":
+        if cfg.kd_ratio != 1.0:
+            raise _setting_error("kd_ratio", f"method=distillm2 has no cross-entropy term; expected 1.0, got {cfg.kd_ratio}")
+        if cfg.fused_loss_chunk_size is not None:
+            raise _setting_error("fused_loss_chunk_size", "method=distillm2 needs the logits (per-sequence means and "
+                                                          "probability gaps); set it to null")
     if cfg.loss and "_component_" in cfg.loss:  # a torchtune loss is adapted, or refused with the reason
         adapt_loss_config(OmegaConf.to_container(cfg.loss, resolve=True))
     return cfg
@@ -185,18 +191,13 @@ class KDOffPolicyRecipe:
 
     def _distillm2_settings(self, cfg: DictConfig) -> Dict[str, Any]:
         """``distillm2.*``: a preset, each curriculum switchable on its own (null: the preset's)."""
-        d2 = cfg.distillm2 or OmegaConf.create({"preset": "code_faithful", "alpha_min": 0.01})
+        d2 = cfg.distillm2 or OmegaConf.structured(DistiLLM2Config())  # distillm2: null -> the defaults
         out = dict(DISTILLM2_PRESETS[d2.preset], preset=d2.preset)
         for key in ("curriculum_alpha", "gradual_beta"):
             if d2.get(key, None) is not None:
                 out[key] = bool(d2[key])
         out["alpha_min"] = float(d2.alpha_min)
-        out["teacher_responses"] = d2.get("teacher_responses", None)
-        if self.kd_ratio != 1.0:
-            raise _setting_error("kd_ratio", f"method=distillm2 has no cross-entropy term; expected 1.0, got {self.kd_ratio}")
-        if cfg.fused_loss_chunk_size is not None:
-            raise _setting_error("fused_loss_chunk_size", "method=distillm2 needs the logits (per-sequence means and "
-                                                          "probability gaps); set it to null")
+        out["teacher_responses"] = d2.teacher_responses
         return out
 
     # ------------------------------------------------------------------------------------- setup
@@ -518,7 +519,7 @@ class KDOffPolicyRecipe:
 
         d = self.cfg.dataset
         generate_seqkd(
-            teacher_dir, str(d.source), path, batch_size=int(self.cfg.validation.get("batch_size", self.batch_size)),
+            teacher_dir, str(d.source), path, batch_size=int(self.cfg.validation.batch_size or self.batch_size),
             max_prompt_len=int(self.cfg.max_prompt_len), max_seq_len=int(self.cfg.max_seq_len),
             temperature=self.sgo_cfg["temperature"], top_p=self.sgo_cfg["top_p"], seed=self.seed,
             split=str(d.get("split", "train")), valid_size=int(d.get("valid_size", 500)),
@@ -609,11 +610,15 @@ class KDOffPolicyRecipe:
 
     # ------------------------------------------------------------------------------------- train
 
-    def _generate(self, samples: List[Dict[str, List[int]]], **overrides) -> List[Dict[str, List[int]]]:
+    def _generate(self, samples: List[Dict[str, List[int]]], generator: Optional[torch.Generator] = None,
+                  **overrides) -> List[Dict[str, List[int]]]:
+        """The student's responses (``sgo.*`` sampling unless overridden), in the compute precision;
+        ``generator`` defaults to this rank's sampling stream."""
         kwargs = {**self.sgo_cfg, **overrides}
         with self._compute():
             return self.io.generate(self.student, samples, max_new_tokens=self.max_new_tokens,
-                                    generator=self.sample_gen, dtype=self.compute_dtype, device=self.device, **kwargs)
+                                    generator=self.sample_gen if generator is None else generator,
+                                    dtype=self.compute_dtype, device=self.device, **kwargs)
 
     def _degenerate_rows(self, responses: List[Optional[List[int]]]) -> List[bool]:
         """Which student responses are degenerate (empty, EOS-only, repetitive: ``sgo.guard``)."""
@@ -687,8 +692,7 @@ class KDOffPolicyRecipe:
             idx = batches[j] if j < len(batches) else batches[0]
             gen = torch.Generator(device=self.device).manual_seed(
                 (self.seed * 1_000_003 + self.epoch * 10_007 + j) % (2**63 - 1))
-            out = self.io.generate(self.student, [self.train_data[i] for i in idx], max_new_tokens=self.max_new_tokens,
-                                   generator=gen, dtype=self.dtype, device=self.device, **self.sgo_cfg)
+            out = self._generate([self.train_data[i] for i in idx], generator=gen)
             if j < len(batches):
                 mine[j] = [o["response"] for o in out]
         parts = [mine]
@@ -751,8 +755,9 @@ class KDOffPolicyRecipe:
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)
         for batch in micro:
             labels = batch["labels"].to(self.device)
-            s_logits = self.io.forward(self.student, batch, self.device)
-            t_logits = self.io.forward(self.teacher, batch, self.device)
+            with self._compute():
+                s_logits = self.io.forward(self.student, batch, self.device)
+                t_logits = self.io.forward(self.teacher, batch, self.device)
             gap_t, gap_s, kept = self._gaps(s_logits, t_logits, labels, batch["num_pairs"])
             sums += torch.stack([gap_t.double().sum(), torch.tensor(float(len(gap_t)), device=self.device),
                                  (gap_s.double() * kept).sum(), kept.double().sum()])
@@ -768,9 +773,10 @@ class KDOffPolicyRecipe:
         forward with gradients and one teacher forward without on all 2B rows (DISTILLM2_SPEC §5.2)."""
         labels = batch["labels"].to(self.device)
         B = batch["num_pairs"]
-        s_logits = self.io.forward(self.student, batch, self.device)
-        with torch.no_grad():
-            t_logits = self.io.forward(self.teacher, batch, self.device)
+        with self._compute():
+            s_logits = self.io.forward(self.student, batch, self.device)
+            with torch.no_grad():
+                t_logits = self.io.forward(self.teacher, batch, self.device)
         ce_sum, _ = cross_entropy_sum_and_count(s_logits, labels)
         gap_t, gap_s, kept = self._gaps(s_logits, t_logits, labels, B)
         alpha0, alpha_min = self.loss_fn.alpha, self.d2["alpha_min"]

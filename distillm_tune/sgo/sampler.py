@@ -126,11 +126,12 @@ def generate_responses(
                     nxt = torch.where(done[rows], torch.full_like(nxt, pad_id), nxt)
                     out[rows, t] = nxt
                     done[rows] |= torch.isin(nxt, eos)
-                    local_done = bool(done.all())
+                finished = done[rows]
+                # one host sync a step: rows outside the batch are done, so all done = all in it done
+                n_finished = int(finished.sum())
+                local_done = local_done or n_finished == len(rows)
                 if t == max_new_tokens - 1 or all_ranks_done(local_done, device, sync_across_ranks):
                     break
-                finished = done[rows]
-                n_finished = int(finished.sum())
                 if n_finished and (4 * n_finished >= len(rows) or local_done) and len(rows) > 1:
                     # keep one row when all are done: the forwards continue for the other ranks
                     keep = ~finished if not local_done else torch.arange(len(rows), device=device) == 0

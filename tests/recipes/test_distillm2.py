@@ -242,3 +242,27 @@ def test_bad_distillm2_settings_are_refused_before_any_model_loads(tiny_assets, 
     ):
         with pytest.raises(ValueError, match=message):
             _setup(tiny_assets, tmp_path / "out", *D2, override, "overwrite=true")
+
+
+def test_mixed_precision_samples_and_trains_the_pairs_in_bf16(tiny_assets, tmp_path, monkeypatch):
+    """mixed_precision=bf16: the epoch's student sampling and every pair forward run under the
+    recipe's bf16 compute context, with a bf16 KV cache, like the other methods' generation."""
+    from distillm_tune.training import model_io
+
+    seen = {"generate": [], "forward": []}
+    generate, forward = model_io.CausalLMIO.generate, model_io.CausalLMIO.forward
+
+    def recording_generate(self, model, samples, **kw):
+        seen["generate"].append((kw["dtype"], torch.is_autocast_enabled("cpu")))
+        return generate(self, model, samples, **kw)
+
+    def recording_forward(self, model, batch, device):
+        seen["forward"].append(torch.is_autocast_enabled("cpu"))
+        return forward(self, model, batch, device)
+
+    monkeypatch.setattr(model_io.CausalLMIO, "generate", recording_generate)
+    monkeypatch.setattr(model_io.CausalLMIO, "forward", recording_forward)
+    _, rows = run_recipe(tiny_assets, str(tmp_path), *D2, "epochs=1", "max_steps_per_epoch=2", "mixed_precision=bf16")
+    assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert seen["generate"] and all(entry == (torch.bfloat16, True) for entry in seen["generate"])
+    assert seen["forward"] and all(seen["forward"])
