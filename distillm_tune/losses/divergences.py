@@ -124,7 +124,8 @@ class Divergence(nn.Module):
     def compile_kernel(self) -> None:
         """``torch.compile`` the per-chunk value and gradient (the recipe's ``compile: true``):
         softmaxes, formula and gradient fuse into fewer passes over the ``[N, V]`` rows."""
-        self.value_and_grad = torch.compile(self.value_and_grad, dynamic=True)
+        # the per-row kernel under both value_and_grad (fused path) and the logits path's autograd function
+        self.token_values_and_grad = torch.compile(self.token_values_and_grad, dynamic=True)
 
     def rows_sum(self, student_rows: Tensor, teacher_rows: Tensor) -> Tensor:
         """Differentiable sum of per-token divergences over ``[N, V]`` rows that all count."""

@@ -34,6 +34,9 @@ def test_compile_gives_the_eager_run(tiny_assets, tmp_path):
     compiled, compiled_rows = run_recipe(tiny_assets, str(tmp_path / "compiled"), *args, "compile=true")
     layers = [m for m in compiled.student.modules() if getattr(m, "_compiled_call_impl", None) is not None]
     assert layers, "compile=true compiled no layer"
+    # the divergence's per-row kernel, which the logits path's autograd function calls, is compiled
+    assert hasattr(compiled.loss_fn.token_values_and_grad, "_torchdynamo_orig_callable")
+    assert not hasattr(eager.loss_fn.token_values_and_grad, "_torchdynamo_orig_callable")
     assert_same_losses(compiled_rows, eager_rows, keys=("loss", "loss_div", "loss_ce", "grad_norm"), rel=1e-4)
     a, b = _state(compiled), _state(eager)
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in b)
