@@ -98,7 +98,10 @@ def _validate(args: argparse.Namespace) -> None:
 def _split_run_args(argv: Sequence[str]) -> List[str]:
     """``[torchrun options] RECIPE --config NAME|PATH [overrides]`` -> the ``tune run`` command."""
     argv = list(argv)
-    at = next((i for i, a in enumerate(argv) if a in RECIPES or a.endswith(".py") or "/" in a and not a.startswith("-")), None)
+    # the recipe: a shipped recipe's name or a recipe file (``path/recipe`` or ``path/recipe.py``);
+    # a torchrun option's value (``--log_dir /tmp/logs``) is neither
+    at = next((i for i, a in enumerate(argv) if a in RECIPES or (
+        not a.startswith("-") and (a.endswith(".py") or os.path.isfile(a + ".py")))), None)
     if at is None:
         raise SystemExit(f"error: name a recipe: one of {', '.join(RECIPES)} (distillm-tune ls)")
     launcher, recipe, rest = argv[:at], argv[at], argv[at + 1:]

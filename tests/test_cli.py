@@ -105,7 +105,7 @@ def test_unknown_config_name_lists_the_shipped_ones():
         cli.main(["validate", "tiny_gpu"])
 
 
-def test_run_hands_over_to_tune_run_with_the_resolved_config_and_launcher_options():
+def test_run_hands_over_to_tune_run_with_the_resolved_config_and_launcher_options(monkeypatch):
     cmd = cli._split_run_args(["--nproc_per_node", "2", "--nnodes", "1", "kd_offpolicy", "--config", "tiny_cpu",
                                "method=kd", "batch_size=4"])
     assert cmd[:4] == [sys.executable, "-m", "torchtune._cli.tune", "run"]
@@ -113,6 +113,12 @@ def test_run_hands_over_to_tune_run_with_the_resolved_config_and_launcher_option
     assert cmd[9:] == ["--config", os.path.join(cli.CONFIG_DIR, "tiny_cpu.yaml"), "method=kd", "batch_size=4"]
     with pytest.raises(SystemExit, match="--config"):
         cli._split_run_args(["kd_offpolicy", "method=kd"])
+    # a launcher option's path value is not taken for the recipe; a recipe file path is passed on
+    cmd = cli._split_run_args(["--log_dir", "/tmp/logs", "kd_offpolicy", "--config", "tiny_cpu"])
+    assert cmd[4:7] == ["--log_dir", "/tmp/logs", "distillm_tune/recipes/kd_offpolicy"]
+    monkeypatch.chdir(REPO)  # a recipe path is relative to where tune run is called
+    cmd = cli._split_run_args(["distillm_tune/recipes/kd_offpolicy", "--config", "tiny_cpu"])
+    assert cmd[4] == "distillm_tune/recipes/kd_offpolicy"
 
 
 def test_console_script_is_installed():
