@@ -10,6 +10,7 @@ their inner tensors) and their ratio to the baseline's, and the per-step loss of
 """
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -26,9 +27,10 @@ def main():
     args = ap.parse_args()
 
     import torch
+    from omegaconf import OmegaConf
 
     from distillm_tune.cli import resolve_config
-    from distillm_tune.scripts.demo import run
+    from distillm_tune.recipes.kd_offpolicy import KDOffPolicyRecipe
     from distillm_tune.scripts.get_smollm2 import get_smollm2
     from distillm_tune.scripts.make_student import make_student
     from distillm_tune.scripts.make_tiny_assets import make_tiny_assets
@@ -45,27 +47,20 @@ def main():
     common = [f"checkpoints_dir={ckpt}", f"data_dir={assets}/data", "method=kd", "epochs=1",
               f"max_steps_per_epoch={args.steps}", f"batch_size={args.batch_size}", "validation.max_examples=16",
               "overwrite=true"]
-    import distillm_tune.scripts.demo as demo
-
-    demo._config_path = lambda: resolve_config("smollm2_135m_to_6layer_cpu")
+    config = OmegaConf.load(resolve_config("smollm2_135m_to_6layer_cpu"))
     results = {}
     for scheme in ("null", "int8_weight_only", "nf4"):
         out = os.path.join(work, scheme)
-        captured = {}
-        from distillm_tune.recipes import kd_offpolicy
-
-        setup = kd_offpolicy.KDOffPolicyRecipe.setup
-
-        def measuring_setup(self, _setup=setup):
-            _setup(self)
-            captured["bytes"] = model_bytes(self.teacher)
-
-        kd_offpolicy.KDOffPolicyRecipe.setup = measuring_setup
-        try:
-            rows = run(scheme, out, common + [f"output_dir={out}", f"teacher.quantization={scheme}"])["rows"]
-        finally:
-            kd_offpolicy.KDOffPolicyRecipe.setup = setup
-        results[scheme] = {"bytes": captured["bytes"], "loss": [r["loss"] for r in rows if r["step"] > 0]}
+        cfg = OmegaConf.merge(config, OmegaConf.from_dotlist(common + [f"output_dir={out}",
+                                                                       f"teacher.quantization={scheme}"]))
+        recipe = KDOffPolicyRecipe(cfg)
+        recipe.setup()
+        teacher_bytes = model_bytes(recipe.teacher)
+        recipe.train()
+        recipe.cleanup()
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            rows = [json.loads(line) for line in f]
+        results[scheme] = {"bytes": teacher_bytes, "loss": [r["loss"] for r in rows if r["step"] > 0]}
     base = results["null"]
     print(f"\nSmolLM2-135M-Instruct teacher -> 6-layer student, kd, {args.steps} steps, batch {args.batch_size}, "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}")
