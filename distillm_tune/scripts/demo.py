@@ -27,17 +27,13 @@ from typing import Dict, List, Sequence
 
 from omegaconf import OmegaConf
 
-def _config_path() -> str:
+def run(name: str, out: str, overrides: List[str], config: str = "tiny_cpu") -> Dict:
+    """One recipe run of shipped ``config`` in this process; returns its metrics rows and wall time."""
     from distillm_tune.cli import resolve_config
-
-    return resolve_config("tiny_cpu")  # shipped inside the package: runs from an installed wheel
-
-
-def run(name: str, out: str, overrides: List[str]) -> Dict:
-    """One recipe run in this process; returns its metrics rows and wall time."""
     from distillm_tune.recipes.kd_offpolicy import KDOffPolicyRecipe
 
-    cfg = OmegaConf.merge(OmegaConf.load(_config_path()), OmegaConf.from_dotlist(overrides))
+    # shipped inside the package: runs from an installed wheel
+    cfg = OmegaConf.merge(OmegaConf.load(resolve_config(config)), OmegaConf.from_dotlist(overrides))
     print(f"\n=== {name}: {' '.join(o for o in overrides if not o.startswith(('assets_dir', 'output_dir')))}", flush=True)
     t0 = time.perf_counter()
     recipe = KDOffPolicyRecipe(cfg)
@@ -50,32 +46,36 @@ def run(name: str, out: str, overrides: List[str]) -> Dict:
     return {"rows": rows, "wall_s": wall, "hf_model": os.path.join(out, "hf_model")}
 
 
-def greedy_rouge(model_dir: str, data: str, max_prompt_len: int, max_new_tokens: int, limit: int) -> float:
-    """ROUGE-L (spec §5 scoring) of greedy generations on a dolly-format file."""
+def greedy_rouge(model_dir: str, data: str, max_prompt_len: int, max_new_tokens: int, limit: int,
+                 template: str = "paper") -> float:
+    """ROUGE-L (spec §5 scoring) of greedy generations on a dolly-format file; ``template`` as the
+    dataset's (``paper`` or ``chat``: the checkpoint's chat template, stopping at any of its stop ids)."""
     import torch
 
     from distillm_tune.data import instruction_dataset
     from distillm_tune.eval.metrics import rouge_l
     from distillm_tune.models import load_hf, load_hf_tokenizer
+    from distillm_tune.models.tokenizer import cut_at_stop, stop_ids
     from distillm_tune.sgo import generate_responses
 
     tok = load_hf_tokenizer(model_dir)
     ds = instruction_dataset(tok, data, split="all", max_prompt_len=max_prompt_len,
-                             max_seq_len=max_prompt_len + max_new_tokens)
+                             max_seq_len=max_prompt_len + max_new_tokens, template=template)
     model = load_hf(model_dir).eval()
+    stops = stop_ids(tok)
     n = min(limit, len(ds))
     preds = []
     for i in range(0, n, 32):
         batch = [ds[j]["prompt"] for j in range(i, min(n, i + 32))]
         with torch.no_grad():
-            out = generate_responses(model, batch, max_new_tokens=max_new_tokens, eos_ids=[tok.eos_id],
+            out = generate_responses(model, batch, max_new_tokens=max_new_tokens, eos_ids=stops,
                                      pad_id=tok.pad_id, temperature=0.0)
-        preds += [tok.decode([t for t in o["response"] if t != tok.eos_id]).strip() for o in out]
+        preds += [tok.decode(cut_at_stop(o["response"], stops)).strip() for o in out]
     return rouge_l(preds, [list(ds.examples[j].references) for j in range(n)])
 
 
 def sampled_rouge(model_dir: str, data: str, out_dir: str, seeds: Sequence[int], limit: int,
-                  max_prompt_len: int, max_new_tokens: int) -> Dict:
+                  max_prompt_len: int, max_new_tokens: int, template: str = "paper") -> Dict:
     """The paper's protocol (spec §5) with the evaluate recipe: sample at temperature 1 once per
     seed, ROUGE-L mean ± std over the seeds."""
     from distillm_tune.recipes.evaluate import EvaluateRecipe
@@ -86,7 +86,7 @@ def sampled_rouge(model_dir: str, data: str, out_dir: str, seeds: Sequence[int],
         "seeds": [int(s) for s in seeds], "temperature": 1.0, "top_p": 1.0,
         "max_seq_len": max_prompt_len + max_new_tokens, "max_prompt_len": max_prompt_len,
         "greedy_max_new_tokens": max_new_tokens, "batch_size": 32, "dtype": "fp32", "device": "cpu",
-        "max_examples": int(limit),
+        "max_examples": int(limit), "template": template,
     })
     recipe = EvaluateRecipe(cfg)
     recipe.setup()
@@ -97,11 +97,12 @@ def sampled_rouge(model_dir: str, data: str, out_dir: str, seeds: Sequence[int],
 
 
 def score_model(model_dir: str, data: str, eval_dir: str, eval_seeds: Sequence[int], limit: int,
-                max_prompt_len: int = 64, max_new_tokens: int = 32) -> Dict:
+                max_prompt_len: int = 64, max_new_tokens: int = 32, template: str = "paper") -> Dict:
     """``{"greedy": ROUGE-L, "sampled": {mean, std, per_seed}}`` (sampled only with ``eval_seeds``)."""
-    out = {"greedy": greedy_rouge(model_dir, data, max_prompt_len, max_new_tokens, limit)}
+    out = {"greedy": greedy_rouge(model_dir, data, max_prompt_len, max_new_tokens, limit, template)}
     if eval_seeds:
-        out["sampled"] = sampled_rouge(model_dir, data, eval_dir, eval_seeds, limit, max_prompt_len, max_new_tokens)
+        out["sampled"] = sampled_rouge(model_dir, data, eval_dir, eval_seeds, limit, max_prompt_len, max_new_tokens,
+                                       template)
     return out
 
 

