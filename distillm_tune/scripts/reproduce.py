@@ -99,6 +99,10 @@ def _jsd(p: Dict[str, float]) -> List[str]:
     return ["method=kd", "loss._component_=distillm_tune.losses.JSDLoss", f"loss.beta={p['jsd_beta']}"]
 
 
+def _distillm2_sampling() -> List[str]:
+    return [f"sgo.{k}={v}" for k, v in DISTILLM2_SAMPLING.items()]
+
+
 def _adaptive(p: Dict[str, float]) -> List[str]:
     return ["method=distillm", f"sgo.scheduler.phi0={p['phi0']}", f"sgo.scheduler.tolerance={p['tolerance']}"]
 
@@ -130,15 +134,16 @@ RUNS: Dict[str, Dict[str, Any]] = {
                "overrides": lambda p: ["method=imitkd"]},
     "gkd": {"table": 3, "label": "GKD: JSD (β=0.1) on a 50/50 mix of student outputs and data",
             "overrides": lambda p: ["method=gkd"]},
-    # DistiLLM-2 (ICML 2025): teacher responses = SeqKD's file (one sample per prompt, made once),
-    # student responses sampled from the current student at every epoch start
+    # DistiLLM-2 (ICML 2025): teacher responses sampled once (one per prompt, into distillm2_teacher/),
+    # student responses from the current student at every epoch start, both at the paper's T 0.8 /
+    # top-p 0.95
     "distillm2": {"table": 3, "label": "DistiLLM-2: SKL on teacher + SRKL on student responses, α and β curricula (paper_full)",
-                  "overrides": lambda p: ["method=distillm2", "distillm2.preset=paper_full"]},
+                  "overrides": lambda p: ["method=distillm2", "distillm2.preset=paper_full"] + _distillm2_sampling()},
     # the SFT student trained on with SFT for the same steps: what the distillation runs must beat
     "sft": {"table": 3, "label": "SFT: the SFT student trained on (CE on the data, no teacher)",
             "overrides": lambda p: ["method=sft"]},
     "distillm2_code": {"table": 3, "label": "DistiLLM-2 as its released code runs (code_faithful: α = 0.1, b = 1)",
-                       "overrides": lambda p: ["method=distillm2", "distillm2.preset=code_faithful"]},
+                       "overrides": lambda p: ["method=distillm2", "distillm2.preset=code_faithful"] + _distillm2_sampling()},
 }
 
 # The paper's numbers: GPT-2 XL -> GPT-2, Dolly eval ROUGE-L mean (std) over 5 sampling seeds
@@ -353,15 +358,20 @@ def prepare(out: str, *, sft_steps: int, teacher_epochs: int, student_epochs: in
 # ---------------------------------------------------------------------------------- train
 
 SEQKD_SEED = 1  # one teacher sample per training prompt, the same for every training seed
+# DistiLLM-2 samples teacher and student responses at temperature 0.8, top-p 0.95 (DISTILLM2_SPEC §1.1,
+# §5.1); SeqKD's responses are sampled at temperature 1 as DistiLLM's (DISTILLM_SPEC)
+DISTILLM2_SAMPLING = {"temperature": 0.8, "top_p": 0.95}
 
 
-def seqkd_data(out: str, info: Dict[str, Any]) -> str:
+def seqkd_data(out: str, info: Dict[str, Any], name: str = "seqkd", temperature: float = 1.0,
+               top_p: float = 1.0) -> str:
     """The teacher's sampled responses to the training prompts (``generate_seqkd``), made once per
-    OUT_DIR; its generation time is kept in ``seqkd/info.json`` (SeqKD pays it once, before training)."""
+    OUT_DIR into ``name/``; its generation time is kept in ``name/info.json`` (SeqKD pays it once,
+    before training)."""
     from distillm_tune.scripts.generate_seqkd import generate_seqkd
 
-    path = os.path.join(out, "seqkd", "train.jsonl")
-    meta = os.path.join(out, "seqkd", "info.json")
+    path = os.path.join(out, name, "train.jsonl")
+    meta = os.path.join(out, name, "info.json")
     if os.path.isfile(path) and os.path.isfile(meta):
         return path
     t0 = time.perf_counter()
@@ -369,8 +379,9 @@ def seqkd_data(out: str, info: Dict[str, Any]) -> str:
     stats = generate_seqkd(info["teacher"], os.path.join(info["assets"], "data", "train.jsonl"), path,
                            batch_size=32, max_prompt_len=p.max_prompt_len,
                            max_seq_len=p.max_prompt_len + p.max_new_tokens, seed=SEQKD_SEED, device="cpu",
-                           template=p.template)
-    _write_json(meta, {"generation_s": time.perf_counter() - t0, "rows": stats.kept, "seed": SEQKD_SEED})
+                           template=p.template, temperature=temperature, top_p=top_p)
+    _write_json(meta, {"generation_s": time.perf_counter() - t0, "rows": stats.kept, "seed": SEQKD_SEED,
+                       "temperature": temperature, "top_p": top_p})
     return path
 
 
@@ -439,7 +450,7 @@ def train(out: str, *, seed: int, runs: Sequence[str], steps: int, epochs: int, 
         if name == "seqkd":
             overrides.append(f"seqkd_data={seqkd_data(out, info)}")
         if name.startswith("distillm2"):
-            overrides.append(f"distillm2.teacher_responses={seqkd_data(out, info)}")
+            overrides.append(f"distillm2.teacher_responses={seqkd_data(out, info, 'distillm2_teacher', **DISTILLM2_SAMPLING)}")
         r = run(f"{name} seed {seed}", d, overrides, config=pair.config)
         t0 = time.perf_counter()
         final = score_model(pair, r["hf_model"], test, os.path.join(d, "eval"), eval_seeds, eval_examples)
