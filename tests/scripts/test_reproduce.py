@@ -270,3 +270,55 @@ def test_quick_reproduction_end_to_end(tmp_path):
     other = subprocess.run(["bash", SCRIPT, str(out)], cwd=REPO, capture_output=True, text=True,
                            env={**env, "EPOCHS": "3"}, timeout=600)
     assert other.returncode != 0 and "other settings" in other.stderr
+
+
+@pytest.mark.slow
+def test_smollm2_pair_scores_through_the_chat_template(tmp_path, smollm2_dir, one_thread):
+    """PAIR=smollm2 (the real teacher): the teacher used as it is (0 epochs), the cut student SFT'd,
+    a KD and a DistiLLM-2 run. The prepare step's greedy ROUGE-L of the teacher (our sampler on
+    the chat-template dataset) equals the evaluate recipe's (its own chat rendering) on the same rows;
+    DistiLLM-2 samples at the paper's temperature 0.8 / top-p 0.95."""
+    from omegaconf import OmegaConf
+
+    from distillm_tune.recipes.evaluate import EvaluateRecipe
+
+    out = tmp_path / "out"
+    (out / "base").mkdir(parents=True)
+    os.symlink(smollm2_dir, out / "base" / "smollm2-135m-instruct")  # get_smollm2 reuses a converted dir
+    # assets made here with few rows (prepare keeps finished assets): the teacher samples a response
+    # for every training prompt, which takes minutes for 2000
+    from distillm_tune.scripts.make_tiny_assets import make_tiny_assets
+
+    make_tiny_assets(str(out / "assets"), train=32, valid=16, test=16)
+    info = rp.prepare(str(out), sft_steps=2, teacher_epochs=0, student_epochs=1, rouge_examples=4,
+                      val_examples=8, eval_examples=8, eval_seeds=[], pair="smollm2")
+    assert info["teacher"] == str(out / "base" / "smollm2-135m-instruct")
+    assert info["student"] == str(out / "student_sft" / "hf_model")
+    test = os.path.join(info["assets"], "data", "test.jsonl")
+    cfg = OmegaConf.create({
+        "model_dir": info["teacher"], "output_dir": str(tmp_path / "eval"), "template": "chat",
+        "datasets": [{"name": "test", "path": test, "kind": "instruction"}], "decoding": "greedy",
+        "max_seq_len": 160, "max_prompt_len": 128, "greedy_max_new_tokens": 32, "batch_size": 8,
+        "max_examples": 8, "device": "cpu", "dtype": "fp32"})
+    recipe = EvaluateRecipe(cfg)
+    recipe.setup()
+    reference = recipe.evaluate()["datasets"]["test"]["metrics"]["rougeL"]["mean"]
+    recipe.cleanup()
+    assert info["teacher_test"]["greedy"] == pytest.approx(reference, abs=1e-9)
+    prompts = [json.loads(x)["prompt"] for x in (tmp_path / "eval" / "generations.jsonl").read_text().splitlines()]
+    assert all(p.startswith("<|im_start|>") for p in prompts)
+
+    rp.train(str(out), seed=1, runs=["fkl", "distillm2"], steps=2, epochs=1, train_args=["validation.rouge_examples=0"])
+    for name in ("fkl", "distillm2"):
+        res = json.loads((out / "runs" / name / "seed_1" / "result.json").read_text())
+        assert f"data_dir={os.path.join(info['assets'], 'data')}" in res["overrides"]
+        assert res["settings"]["lr"] == rp.PAIRS["smollm2"].distil_lr
+    res = json.loads((out / "runs" / "distillm2" / "seed_1" / "result.json").read_text())
+    assert {"sgo.temperature=0.8", "sgo.top_p=0.95"} <= set(res["overrides"])
+    teacher = json.loads((out / "distillm2_teacher" / "info.json").read_text())
+    assert (teacher["temperature"], teacher["top_p"]) == (0.8, 0.95)
+    # the chat template's end of turn closes the teacher's responses
+    row = json.loads((out / "distillm2_teacher" / "train.jsonl").read_text().splitlines()[0])
+    assert "<|im_start|>" not in row["response"]
+    report = rp.render_markdown(rp.aggregate(str(out)), {}, "test")
+    assert "pair `smollm2`" in report and "SmolLM2-135M-Instruct" in report
