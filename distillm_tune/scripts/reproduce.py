@@ -668,7 +668,7 @@ def render_markdown(summary: Dict[str, Any], plots: Dict[str, str], command: str
         out += ["## Baselines: each method with its own divergence (cf. the paper's Tab. 11, Dolly column)", "",
                 *table[:2], sft_row, *table[2:], ""]
         sq = summary.get("seqkd_generation")
-        if sq and "seqkd" in runs:
+        if sq:
             out += [f"SeqKD's teacher responses ({sq['rows']} rows, one sample per training prompt, seed "
                     f"{sq['seed']}) took {sq['generation_s']:.1f} s to generate, once; that time is not in the "
                     "training times below.", ""]
