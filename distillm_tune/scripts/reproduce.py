@@ -404,7 +404,7 @@ def warm_up(out: str, common: Sequence[str], pair: Pair) -> None:
     in whichever run goes first and bias the times relative to KD."""
     from distillm_tune.scripts.demo import run
 
-    d = os.path.join(out, "warmup")
+    d = os.path.join(out, f"warmup_{os.getpid()}")  # its own: seeds may train in parallel processes
     shutil.rmtree(d, ignore_errors=True)
     run("warm-up (not measured)", d, list(common) + [f"output_dir={d}", f"max_steps_per_epoch={pair.warmup_steps}",
                                                     "epochs=1", "validation.rouge_examples=0"] + run_overrides(KD_RUN),
