@@ -254,7 +254,7 @@ def test_quick_reproduction_end_to_end(tmp_path):
         assert 0.0 <= res["test_rouge_l_greedy"] <= 100.0
         assert list(res["test_rouge_l_sampled"]["per_seed"]) == ["10"]
         assert not (out / "runs" / name / "seed_1" / "checkpoints").exists()
-    assert not (out / "warmup").exists()  # the unmeasured warm-up run is removed
+    assert not list(out.glob("warmup*"))  # the unmeasured warm-up run is removed
     # seqkd trained on the teacher's responses, generated once: one row per training prompt
     seqkd_rows = (out / "seqkd" / "train.jsonl").read_text().splitlines()
     info = json.loads((out / "seqkd" / "info.json").read_text())
