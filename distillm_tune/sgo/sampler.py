@@ -13,6 +13,14 @@ Generation dominates the cost of on-policy KD (paper Fig. 2), so this sampler di
   finished rows would otherwise cost a full forward each step. The random draws stay those of the
   whole batch (one uniform per original row per step), so the outputs do not depend on when rows
   are dropped;
+- attention reads only the filled prefix of the static KV cache (rounded up to a multiple of
+  ``PREFIX_MULTIPLE`` slots) and shares key/value heads without copying them (grouped-query models):
+  for the call, torchtune's ``MultiHeadAttention`` modules get a generation-time ``forward``
+  (:func:`_prefix_attention`) that writes the cache at a slot the sampler passes as an int (no
+  host sync) and calls ``scaled_dot_product_attention(..., enable_gqa=True)`` on
+  ``cache[:, :, :prefix]``. torchtune's own forward expands the key/value heads of the whole cache
+  and attends over all of its ``prompt + max_new_tokens`` slots every step; the slots past the
+  prefix are masked out there, so the result is the same;
 - generation stops at EOS per row, and the batch stops when all rows are done. Under
   ``torch.distributed`` the "all done" flag is all-reduced, so every rank runs the same number of
   forward passes: FSDP2 (``reshard_after_forward=True``) all-gathers parameters inside every
@@ -24,11 +32,13 @@ The returned ``{"prompt", "response"}`` samples keep the EOS the model produced,
 """
 
 import contextlib
+import types
 from typing import Dict, Iterable, List, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-from torchtune.modules import KVCache
+from torchtune.modules import KVCache, MultiHeadAttention
 from torchtune.modules.common_utils import local_kv_cache
 
 from distillm_tune.generation import all_ranks_done, sample_next_token
@@ -108,7 +118,8 @@ def generate_responses(
     try:
         with local_kv_cache(
             model, batch_size=bsz, device=device, dtype=cache_dtype, decoder_max_seq_len=total
-        ), _last_position_only(model):
+        ), _last_position_only(model), _prefix_attention(model) as attn_state:
+            attn_state.set(start=0, end=plen, total=total)
             logits = _last_logits(model(tokens, mask=prefill_mask, input_pos=positions[:, :plen]))
             caches = [m for m in model.modules() if isinstance(m, KVCache)]
             out = torch.full((bsz, max_new_tokens), pad_id, dtype=torch.long, device=device)
@@ -141,6 +152,7 @@ def generate_responses(
                         cache.batch_size = len(rows)
                 pos = plen + t  # sequence index of the token fed now
                 step_mask = ((cols <= pos)[None, :] & real[rows])[:, None, :]
+                attn_state.set(start=pos, end=pos + 1, total=total)
                 logits = _last_logits(
                     model(nxt[:, None], mask=step_mask, input_pos=positions[rows, pos : pos + 1])
                 )
@@ -199,6 +211,124 @@ def _last_position_only(model: nn.Module):
         yield
     finally:
         handle.remove()
+
+
+PREFIX_MULTIPLE = 16  # attended cache prefixes are rounded up to this: few distinct shapes
+
+
+class _PrefixState:
+    """Where the sampler's next forward writes the KV cache and how much of it attention reads."""
+
+    start: Optional[int] = None  # first cache slot written by the next forward
+    prefix: Optional[int] = None  # attended slots: [0, prefix)
+    _mask_key = None
+    _mask: Optional[torch.Tensor] = None
+
+    def set(self, *, start: int, end: int, total: int) -> None:
+        self.start = start
+        self.prefix = min(total, -(-end // PREFIX_MULTIPLE) * PREFIX_MULTIPLE)
+        self._mask_key, self._mask = None, None
+
+    def additive_mask(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``[b, 1, q, prefix]`` 0 / -inf bias from the boolean ``[b, q, total]`` mask, made once per
+        forward and shared by the layers (SDPA would convert the boolean mask the same way in every
+        layer)."""
+        key = (mask, dtype)
+        if self._mask_key is None or self._mask_key[0] is not mask or self._mask_key[1] != dtype:
+            allowed = mask[:, None, :, : self.prefix]
+            self._mask = torch.zeros(allowed.shape, dtype=dtype, device=mask.device).masked_fill_(
+                ~allowed, float("-inf"))
+            self._mask_key = key
+        return self._mask
+
+
+def _is_plain_attention(module: nn.Module) -> bool:
+    """torchtune's ``MultiHeadAttention`` with its own ``forward`` and stock SDPA call: subclasses
+    that change either (T5's scale-1 attention with a float bias) keep their own forward."""
+    if not isinstance(module, MultiHeadAttention) or "forward" in vars(module):
+        return False
+    if type(module).forward is not MultiHeadAttention.forward:
+        return False
+    call = getattr(module, "_attention_call", None)
+    return getattr(call, "__qualname__", "").startswith("_sdpa_or_flex_attention.")
+
+
+def _headwise_rope_classes():
+    """torchtune's rotary embeddings: elementwise per head, so q and k may go through in one call."""
+    from torchtune.models.llama3_1._position_embeddings import Llama3ScaledRoPE
+    from torchtune.models.qwen2._positional_embeddings import Qwen2RotaryPositionalEmbeddings
+    from torchtune.modules import RotaryPositionalEmbeddings
+
+    return (RotaryPositionalEmbeddings, Llama3ScaledRoPE, Qwen2RotaryPositionalEmbeddings)
+
+
+_HEADWISE_ROPE = _headwise_rope_classes()
+
+
+def _prefix_attention_forward(self, x, y=None, *, mask=None, input_pos=None):
+    """``MultiHeadAttention.forward`` for cached self-attention during generation (see
+    :func:`_prefix_attention`); anything else goes to torchtune's forward."""
+    state = self._distillm_prefix_state
+    cache = self.kv_cache
+    if (y is None or cache is None or not self.cache_enabled or state.prefix is None
+            or not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool):
+        return MultiHeadAttention.forward(self, x, y, mask=mask, input_pos=input_pos)
+    # the same projections, positional embeddings and norms as MultiHeadAttention.forward
+    b, s_x, _ = x.shape
+    s_y = y.shape[1]
+    q = self.q_proj(x).view(b, s_x, self.num_heads, self.head_dim)
+    k = self.k_proj(y).view(b, s_y, -1, self.head_dim)
+    v = self.v_proj(y).view(b, s_y, -1, self.head_dim)
+    pos_emb = self.pos_embeddings
+    if pos_emb is not None:
+        if s_x == s_y and type(pos_emb) in _HEADWISE_ROPE:
+            # one call for q and k: the rotation is elementwise per head, so the values are the
+            # same as two calls' (about 25 small ops fewer per layer and step)
+            qk = pos_emb(torch.cat([q, k], dim=2), input_pos=input_pos)
+            q, k = qk[:, :, : self.num_heads], qk[:, :, self.num_heads :]
+        else:
+            q, k = pos_emb(q, input_pos=input_pos), pos_emb(k, input_pos=input_pos)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if self.q_norm is not None:
+        q = self.q_norm(q)
+    if self.k_norm is not None:
+        k = self.k_norm(k)
+    # KVCache.update without its tensor-valued bounds check (a host sync per layer and step): the
+    # sampler knows the slot; cache_pos still advances so the cache's own bookkeeping stays valid
+    start, n = state.start, state.prefix
+    cache.k_cache[:, :, start : start + s_y] = k
+    cache.v_cache[:, :, start : start + s_y] = v
+    cache.cache_pos.add_(s_y)
+    output = F.scaled_dot_product_attention(
+        q, cache.k_cache[:, :, :n], cache.v_cache[:, :, :n], attn_mask=state.additive_mask(mask, q.dtype),
+        dropout_p=self.attn_dropout if self.training else 0.0,
+        enable_gqa=self.num_heads != self.num_kv_heads,
+    )
+    output = output.transpose(1, 2).contiguous().view(b, s_x, -1)
+    return self.output_proj(output)
+
+
+@contextlib.contextmanager
+def _prefix_attention(model: nn.Module):
+    """Give the model's plain torchtune ``MultiHeadAttention`` modules :func:`_prefix_attention_forward`
+    for the duration; yields the :class:`_PrefixState` the sampler sets before each forward.
+
+    torchtune's forward (0.6.1) expands grouped key/value heads over the whole static cache and
+    attends over all ``max_seq_len`` cache slots with a mask every step; the mask is False past the
+    last written slot, so attending over the written prefix alone gives the same result.
+    Other attention modules (T5's, or any subclass overriding ``forward``) run unchanged.
+    """
+    state = _PrefixState()
+    patched = [m for m in model.modules() if _is_plain_attention(m)]
+    try:
+        for m in patched:
+            m._distillm_prefix_state = state
+            m.forward = types.MethodType(_prefix_attention_forward, m)
+        yield state
+    finally:
+        for m in patched:
+            vars(m).pop("forward", None)
+            vars(m).pop("_distillm_prefix_state", None)
 
 
 def _last_logits(output) -> torch.Tensor:

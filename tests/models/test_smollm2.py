@@ -95,3 +95,59 @@ def test_greedy_generation_equals_transformers(smollm2_dir, models):
                               eos_token_id=stop_ids(tok), pad_token_id=tok.pad_id)[0, len(prompt):].tolist()
         assert sample["response"] == ref, (hf_tok.decode(sample["response"]), hf_tok.decode(ref))
     print("greedy:", repr(hf_tok.decode(out[0]["response"])))
+
+
+BENCH_QUESTIONS = ["Name a fruit.", "What is 7 plus 5?", "Write one sentence about the sea.",
+                   "List three colours, separated by commas.", "Explain in two sentences why the sky is blue.",
+                   "Translate 'good morning' into French.", "Give a synonym of happy.",
+                   "Describe a cat in one short paragraph."]
+
+
+def test_batched_greedy_generation_equals_transformers_and_torchtunes_attention(smollm2_dir, models):
+    """benchmarks/bench_generation.py --smollm2's case (issue #13): 16 left-padded chat prompts,
+    greedy, 64 new tokens, stop at <|im_end|>. The sampler's generation-time attention (filled cache
+    prefix, enable_gqa) gives the tokens of transformers' batched ``generate`` and, bitwise, the final
+    hidden states of torchtune's own attention forward."""
+    import contextlib
+    from unittest import mock
+
+    from distillm_tune.sgo import sampler
+
+    ours, theirs = models
+    tok = load_hf_tokenizer(smollm2_dir)
+    hf_tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    prompts = [hf_tok(chat_prompt(hf_tok, BENCH_QUESTIONS[i % 8]))["input_ids"] for i in range(16)]
+    assert len({len(p) for p in prompts}) > 1  # left padding of different lengths
+    eos, pad = stop_ids(tok), tok.pad_id
+
+    def run(fast):
+        hidden = []
+        h = ours.norm.register_forward_hook(lambda m, i, o: hidden.append(o.detach().clone()))
+
+        @contextlib.contextmanager
+        def stock(model):
+            yield sampler._PrefixState()
+
+        try:
+            with contextlib.nullcontext() if fast else mock.patch.object(sampler, "_prefix_attention", stock):
+                out = generate_responses(ours, prompts, max_new_tokens=64, eos_ids=eos, pad_id=pad, temperature=0.0)
+        finally:
+            h.remove()
+        return [s["response"] for s in out], hidden
+
+    fast, fast_hidden = run(True)
+    stock, stock_hidden = run(False)
+    assert fast == stock
+    assert len(fast_hidden) == len(stock_hidden) and all(torch.equal(a, b) for a, b in zip(fast_hidden, stock_hidden))
+
+    longest = max(map(len, prompts))
+    ids = torch.full((16, longest), pad)
+    attn = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, longest - len(p):], attn[i, longest - len(p):] = torch.tensor(p), 1
+    with torch.no_grad():
+        ref = theirs.generate(input_ids=ids, attention_mask=attn, do_sample=False, max_new_tokens=64,
+                              eos_token_id=eos, pad_token_id=pad)[:, longest:].tolist()
+    ref = [row[: next((i + 1 for i, t in enumerate(row) if t in eos), len(row))] for row in ref]
+    assert fast == ref
+    assert len({len(r) for r in fast}) > 1 and sum(map(len, fast)) == 676  # rows stop at different steps

@@ -67,12 +67,16 @@ def worker(rank, out_dir, sync):
     fully_shard(model, reshard_after_forward=True)
     model.train()
     calls = _count_forwards(model)
+    # the sampler's generation-time attention (sgo.sampler._prefix_attention) runs under FSDP2 too
+    fast = []
+    model.layers[0].attn.register_forward_pre_hook(lambda m, a: fast.append("forward" in vars(m)))
     got = generate_responses(
         model, prompts, max_new_tokens=MAX_NEW, eos_ids=eos, pad_id=PAD,
         generator=torch.Generator().manual_seed(100 + rank), sync_across_ranks=sync,
     )
     result.update(
         ref=ref, got=got, ref_forwards=len(ref_calls), forwards=len(calls),
+        prefix_attention=bool(fast) and all(fast),
         training_after=model.training, caches_after=model.caches_are_setup(),
     )
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:

@@ -49,4 +49,5 @@ def test_fsdp2_generation_lockstep_and_equal_to_unsharded(results):
     assert r0["forwards"] == r1["forwards"] == r1["ref_forwards"]
     for r in results:
         assert r["got"] == r["ref"]
+        assert r["prefix_attention"]  # the sharded forwards went through the generation-time attention
         assert r["training_after"] is True and r["caches_after"] is False

@@ -1,9 +1,15 @@
 """generate_responses: equality with an uncached reference, reproducibility, EOS handling, labels,
 restoration of mode and caches, last-position-only logits."""
 
+import contextlib
+from unittest import mock
+
 import pytest
 import torch
 from torchtune.models.llama2 import llama2
+from torchtune.modules import MultiHeadAttention
+
+from distillm_tune.sgo import sampler
 
 from distillm_tune.data.collate import collate_prompt_response
 from distillm_tune.generation import sample_next_token
@@ -246,3 +252,96 @@ def test_positions_count_from_each_rows_first_real_token():
 def test_eos_ids_must_be_a_collection():
     with pytest.raises(ValueError, match="eos_ids.*2"):
         generate_responses(_model(), PROMPTS, max_new_tokens=2, eos_ids=2, pad_id=PAD)
+
+
+# --------------------------------------------------------------------- prefix attention (issue #13)
+
+
+@contextlib.contextmanager
+def _stock_attention(model):
+    """Stand-in for ``sampler._prefix_attention`` that installs nothing: torchtune's own forward."""
+    yield sampler._PrefixState()
+
+
+def _logits_of_every_forward(model, prompts, fast, **kw):
+    outs = []
+    # the final norm's output: the last position's hidden state, which the (possibly tied) head projects
+    h = model.norm.register_forward_hook(lambda m, i, o: outs.append(o.detach().float().clone()))
+    try:
+        with contextlib.nullcontext() if fast else mock.patch.object(sampler, "_prefix_attention", _stock_attention):
+            got = generate_responses(model, prompts, pad_id=PAD, **kw)
+    finally:
+        h.remove()
+    return got, outs
+
+
+def _learned_position_model(seed=0):
+    from distillm_tune.models.modules import learned_position_decoder
+
+    torch.manual_seed(seed)
+    return learned_position_decoder(vocab_size=VOCAB, num_layers=2, num_heads=4, embed_dim=32, intermediate_dim=64,
+                                    max_seq_len=64, activation_name="gelu_new").eval()
+
+
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")  # torchtune RMSNorm in bf16
+@pytest.mark.parametrize("family", ["llama_gqa", "llama_mha", "gpt2_like", "llama_gqa_bf16"])
+def test_prefix_attention_gives_bitwise_the_hidden_states_of_torchtunes_attention(family):
+    """The generation-time attention (filled cache prefix, enable_gqa, one RoPE call for q and k,
+    the mask converted once per forward) reproduces torchtune's MultiHeadAttention.forward exactly:
+    every forward's final hidden state (so its logits) is bitwise equal, for left-padded prompts of
+    lengths 1..7, over more than one PREFIX_MULTIPLE of cache slots, with rows leaving the batch;
+    greedy and sampled tokens are the same."""
+    if family == "gpt2_like":
+        model = _learned_position_model()
+    else:
+        torch.manual_seed(0)
+        model = llama2(vocab_size=VOCAB, num_layers=2, num_heads=4, num_kv_heads=2 if "gqa" in family else 4,
+                       embed_dim=32, max_seq_len=64, intermediate_dim=64).eval()
+    if family.endswith("bf16"):
+        model = model.to(torch.bfloat16)
+    prompts = PROMPTS * 2
+    free = generate_responses(model, prompts, max_new_tokens=30, eos_ids=set(), pad_id=PAD, temperature=0.0)
+    counts = torch.bincount(torch.tensor([t for r in free for t in r["response"][:12]]), minlength=VOCAB)
+    kw = dict(max_new_tokens=30, eos_ids={int(counts.argmax())}, temperature=0.0)
+    fast, fast_logits = _logits_of_every_forward(model, prompts, True, **kw)
+    stock, stock_logits = _logits_of_every_forward(model, prompts, False, **kw)
+    assert fast == stock
+    assert len({len(g["response"]) for g in fast}) > 1  # rows stopped at different steps
+    assert max(len(p) for p in PROMPTS) + 30 > 2 * sampler.PREFIX_MULTIPLE  # the prefix grew past a multiple
+    assert len(fast_logits) == len(stock_logits) > 1
+    for a, b in zip(fast_logits, stock_logits):
+        assert torch.equal(a, b)
+    # sampled: the same draws and tokens through both attentions
+    skw = dict(max_new_tokens=30, eos_ids=kw["eos_ids"], temperature=0.8, top_p=0.9)
+    a, _ = _logits_of_every_forward(model, prompts, True, generator=torch.Generator().manual_seed(3), **skw)
+    b, _ = _logits_of_every_forward(model, prompts, False, generator=torch.Generator().manual_seed(3), **skw)
+    assert a == b
+
+
+def test_prefix_attention_is_installed_for_the_call_only():
+    model = _model()
+    attn = [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
+    seen = []
+    h = attn[0].register_forward_pre_hook(lambda m, a: seen.append("forward" in vars(m)))
+    generate_responses(model, PROMPTS, max_new_tokens=3, eos_ids=set(), pad_id=PAD, temperature=0.0)
+    h.remove()
+    assert seen and all(seen)  # every forward of the call went through the generation-time forward
+    assert not any("forward" in vars(m) or hasattr(m, "_distillm_prefix_state") for m in attn)
+    # restored on error too
+    h = model.register_forward_pre_hook(lambda m, a: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        generate_responses(model, PROMPTS, max_new_tokens=3, eos_ids=set(), pad_id=PAD)
+    h.remove()
+    assert not any("forward" in vars(m) for m in attn)
+
+
+def test_attention_subclasses_with_their_own_attention_call_are_left_alone():
+    from distillm_tune.models.t5._model import T5Attention
+
+    assert not any(sampler._is_plain_attention(m) for m in _t5_attention_modules(T5Attention))
+    assert all(sampler._is_plain_attention(m) for m in _model().modules() if isinstance(m, MultiHeadAttention))
+
+
+def _t5_attention_modules(cls):
+    lin = lambda: torch.nn.Linear(8, 8, bias=False)  # noqa: E731
+    return [cls(num_heads=2, head_dim=4, q_proj=lin(), k_proj=lin(), v_proj=lin(), output_proj=lin())]
