@@ -777,7 +777,8 @@ class KDOffPolicyRecipe:
             s_logits = self.io.forward(self.student, batch, self.device)
             with torch.no_grad():
                 t_logits = self.io.forward(self.teacher, batch, self.device)
-        ce_sum, _ = cross_entropy_sum_and_count(s_logits, labels)
+        with torch.no_grad():  # logged only (kd_ratio = 1): no graph, no backward pass over [tokens, V]
+            ce_sum, _ = cross_entropy_sum_and_count(s_logits, labels)
         gap_t, gap_s, kept = self._gaps(s_logits, t_logits, labels, B)
         alpha0, alpha_min = self.loss_fn.alpha, self.d2["alpha_min"]
         if self._curriculum_active():
@@ -818,7 +819,10 @@ class KDOffPolicyRecipe:
             return div_sum.float(), ce_sum.float()
         with self._compute():
             student_logits = self.io.forward(self.student, batch, self.device)
-        ce_sum, _ = cross_entropy_sum_and_count(student_logits, labels)
+        # kd_ratio = 1: the CE is only logged; with a graph it would keep its log-softmax [tokens, V]
+        # until backward and pay a backward pass over it, for a gradient multiplied by 0
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.kd_ratio < 1.0):
+            ce_sum, _ = cross_entropy_sum_and_count(student_logits, labels)
         if self.loss_fn is None or self.kd_ratio == 0.0:
             return torch.zeros((), device=self.device), ce_sum
         with torch.no_grad(), self._compute():

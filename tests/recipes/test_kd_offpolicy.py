@@ -311,3 +311,33 @@ def test_fused_loss_trains_like_the_logits_path(tiny_assets, tmp_path, method, e
 def test_fused_loss_settings_that_cannot_work_are_rejected(tiny_assets, tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
         run_recipe(tiny_assets, str(tmp_path), "fused_loss_chunk_size=16", *overrides)
+
+
+@pytest.mark.parametrize("kd_ratio", [1.0, 0.5])
+def test_cross_entropy_has_a_graph_only_when_it_is_in_the_loss(tiny_assets, tmp_path, kd_ratio):
+    """kd_ratio=1: the CE is only logged, so it is computed without autograd (no log-softmax
+    [tokens, V] kept until backward, no backward pass over it); the student's gradient is the
+    divergence's, as before. kd_ratio<1: the CE is in the loss and keeps its graph."""
+    from distillm_tune.recipes.kd_offpolicy import KDOffPolicyRecipe
+
+    recipe = KDOffPolicyRecipe(make_cfg(tiny_assets, str(tmp_path), "method=kd", f"kd_ratio={kd_ratio}"))
+    recipe.setup()
+    _, batch = recipe._prepare_micro_batch(recipe._epoch_order(0), 0)
+    recipe.student.train()
+    div_sum, ce_sum = recipe._loss_sums(batch)
+    assert div_sum.requires_grad and ce_sum.requires_grad == (kd_ratio < 1)
+    (kd_ratio * div_sum + (1 - kd_ratio) * ce_sum).backward()
+    grads = [p.grad.clone() for p in recipe.student.parameters() if p.requires_grad]
+    recipe.student.zero_grad(set_to_none=True)
+    logits = recipe.io.forward(recipe.student, batch, recipe.device)
+    with torch.no_grad():
+        t_logits = recipe.io.forward(recipe.teacher, batch, recipe.device)
+    labels = batch["labels"]
+    ref_div, _ = recipe.loss_fn.sum_and_count(logits, t_logits, labels)
+    ref_ce = torch.nn.functional.cross_entropy(torch.cat(logits, 1).flatten(0, 1), labels.flatten(), reduction="sum")
+    assert float(ce_sum.detach()) == pytest.approx(float(ref_ce.detach()), rel=1e-5)
+    (kd_ratio * ref_div + (1 - kd_ratio) * ref_ce).backward()
+    ref = [p.grad for p in recipe.student.parameters() if p.requires_grad]
+    for g, r in zip(grads, ref):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7)
+    recipe.cleanup()
