@@ -12,7 +12,8 @@ over the ranks); every rank reports its own peak RSS, the table shows the larges
 Each mode runs in its own subprocess (peak resident memory is per process): ``method=kd`` (no
 generation, so both modes see the same batches), batch ``--batch-size`` of rows whose prompt +
 response fill about ``--seq-len`` tokens, ``--steps`` optimizer steps. Reported: the process's peak
-RSS (``ru_maxrss``), the mean step time without the first step, and the step-1 loss of both modes
+RSS (``ru_maxrss``), the peak of the training steps alone (``VmHWM`` reset after setup, read
+before the export), the mean step time without the first step, and the step-1 loss of both modes
 (they must agree: same computation, different order of work). Baseline: ``logits``.
 """
 
@@ -60,6 +61,12 @@ def make_long_rows(path: str, tokenizer_dir: str, rows: int, prompt_tokens: int,
                                 "response": words(resp_words), "category": "bench"}) + "\n")
 
 
+def vm_hwm_mib() -> float:
+    """Peak resident memory since the last ``clear_refs`` reset (``VmHWM``), MiB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
 def child(args) -> None:
     import torch
 
@@ -75,8 +82,26 @@ def child(args) -> None:
     if args.mode == "fused":
         over.append(f"fused_loss_chunk_size={args.chunk}")
     over.append(f"kd_ratio={args.kd_ratio}")
+    from distillm_tune.recipes.kd_offpolicy import KDOffPolicyRecipe
+
+    # The training steps' own peak: VmHWM reset (Linux clear_refs 5) when setup is done (model
+    # loading, sharding) and read before the export (FSDP gathers the full weights for it).
+    steps_peak = {}
+    setup, export = KDOffPolicyRecipe.setup, KDOffPolicyRecipe.export
+
+    def setup_then_reset(self):
+        setup(self)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+    def export_after_reading(self, *a, **k):
+        steps_peak["mib"] = vm_hwm_mib()
+        return export(self, *a, **k)
+
+    KDOffPolicyRecipe.setup, KDOffPolicyRecipe.export = setup_then_reset, export_after_reading
     rows = run(args.mode, args.out, over)["rows"]  # rank 0 writes the metrics; every rank has its own peak
-    out = {"rank": int(os.environ.get("RANK", "0")), "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    out = {"rank": int(os.environ.get("RANK", "0")), "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+           "steps_peak_mib": steps_peak["mib"]}
     if out["rank"] == 0:
         out.update(step_s=statistics.mean(r["step_time"] for r in rows[1:]), loss1=rows[0]["loss"],
                    loss_ce1=rows[0]["loss_ce"], tokens=rows[0]["tokens_per_sec"] * rows[0]["step_time"])
@@ -133,16 +158,23 @@ def main():
         if p.returncode != 0 or len(ranks) != args.nproc:
             sys.exit(f"{mode} run failed:\n{p.stderr[-3000:]}")
         peaks = [r["peak_mib"] for r in sorted(ranks, key=lambda r: r["rank"])]
-        res[mode] = dict(next(r for r in ranks if r["rank"] == 0), peak_mib=max(peaks), peak_sum_mib=sum(peaks))
-        print(f"{mode}: peak RSS per rank (MiB) {[round(x) for x in peaks]}", flush=True)
+        steps = [r["steps_peak_mib"] for r in sorted(ranks, key=lambda r: r["rank"])]
+        res[mode] = dict(next(r for r in ranks if r["rank"] == 0), peak_mib=max(peaks), peak_sum_mib=sum(peaks),
+                         steps_peak_mib=max(steps), steps_peak_sum_mib=sum(steps))
+        print(f"{mode}: peak RSS per rank (MiB) {[round(x) for x in peaks]}, training steps only "
+              f"{[round(x) for x in steps]}", flush=True)
     base = res["logits"]
     print(f"\nloss tokens in step 1: {res['logits']['tokens']:.0f}\n")
-    print(f"| loss path | peak RSS MiB{' (largest rank) | sum over ranks' if args.nproc > 1 else ''} | x logits "
-          "| s / step | x logits | step-1 loss | step-1 CE |")
-    print("|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if args.nproc > 1 else ""))
+    many = args.nproc > 1
+    print(f"| loss path | peak RSS MiB{' (largest rank) | sum over ranks' if many else ''} | x logits | steps-only "
+          f"peak MiB{' (largest rank) | sum over ranks' if many else ''} | x logits | s / step | x logits "
+          "| step-1 loss | step-1 CE |")
+    print("|---|" + "---:|" * (9 + 2 * many))
     for mode, r in res.items():
-        total = f" {r['peak_sum_mib']:.0f} |" if args.nproc > 1 else ""
-        print(f"| {mode} | {r['peak_mib']:.0f} |{total} {r['peak_mib'] / base['peak_mib']:.2f} | {r['step_s']:.2f} | "
+        whole = f"{r['peak_mib']:.0f} |" + (f" {r['peak_sum_mib']:.0f} |" if many else "")
+        steps = f"{r['steps_peak_mib']:.0f} |" + (f" {r['steps_peak_sum_mib']:.0f} |" if many else "")
+        print(f"| {mode} | {whole} {r['peak_mib'] / base['peak_mib']:.2f} | {steps} "
+              f"{r['steps_peak_mib'] / base['steps_peak_mib']:.2f} | {r['step_s']:.2f} | "
               f"{r['step_s'] / base['step_s']:.2f} | {r['loss1']:.6f} | {r['loss_ce1']:.6f} |")
 
 
