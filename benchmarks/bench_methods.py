@@ -45,14 +45,18 @@ RUNS = [
 ]
 
 
-def make_gpt2_shapes(assets: str) -> None:
-    """Random GPT-2-small (student) and GPT-2-medium (teacher) with GPT-2's vocabulary size."""
+GPT2_SHAPES = {"small": (12, 768, 12), "medium": (24, 1024, 16)}  # (layers, width, heads)
+
+
+def make_gpt2_shapes(assets: str, student: str = "small", teacher: str = "medium") -> None:
+    """Random GPT-2-small (student) and GPT-2-medium (teacher), or the shapes named, with GPT-2's
+    vocabulary size."""
     import shutil
 
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    for name, (layers, dim, heads) in {"student": (12, 768, 12), "teacher": (24, 1024, 16)}.items():
+    for name, (layers, dim, heads) in {"student": GPT2_SHAPES[student], "teacher": GPT2_SHAPES[teacher]}.items():
         out = os.path.join(assets, name)
         shutil.rmtree(out, ignore_errors=True)
         torch.manual_seed(0)

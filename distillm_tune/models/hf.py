@@ -345,7 +345,9 @@ def _swap_in(tmp: str, output_dir: str) -> None:
 
 def _for_safetensors(state_dict: StateDict, dtype: Optional[torch.dtype]) -> StateDict:
     """CPU, contiguous, optionally cast floats, and no two entries sharing storage (safetensors
-    refuses shared tensors, e.g. tied weights)."""
+    refuses shared tensors, e.g. tied weights), nor a tensor covering only part of its storage
+    (FSDP2's gathered full tensors of an odd row count, e.g. GPT-2's 50257-row embedding on 2
+    ranks, are views of the padded all-gather buffer)."""
     out, seen = {}, set()
     for key, t in state_dict.items():
         t = t.detach().cpu()
@@ -353,7 +355,7 @@ def _for_safetensors(state_dict: StateDict, dtype: Optional[torch.dtype]) -> Sta
             t = t.to(dtype)
         t = t.contiguous()
         ptr = t.untyped_storage().data_ptr()
-        if ptr in seen:
+        if ptr in seen or t.untyped_storage().nbytes() != t.numel() * t.element_size():
             t = t.clone()
         seen.add(ptr)
         out[key] = t

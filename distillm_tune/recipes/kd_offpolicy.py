@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torch.distributed.fsdp import MixedPrecisionPolicy
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -52,7 +52,7 @@ from distillm_tune.data.pretrain import collate_packed
 from distillm_tune.losses import DistiLLM2Loss, Divergence, FusedLinearDivergence
 from distillm_tune.losses.contrastive import adaptive_alpha, gradual_beta_b, sequence_mean_logprob
 from distillm_tune.losses.torchtune_compat import adapt_loss_config
-from distillm_tune.losses.cross_entropy import cross_entropy_sum_and_count, linear_cross_entropy_sum_and_count
+from distillm_tune.losses.cross_entropy import cross_entropy_sum_and_count
 from distillm_tune.models import LoRASettings, family_for, load_hf, load_hf_tokenizer, read_hf_config
 from distillm_tune.models.tokenizer import cut_at_stop, stop_ids
 from distillm_tune.models.hf import save_hf_state_dict, save_peft_adapter_state_dict
@@ -326,9 +326,14 @@ class KDOffPolicyRecipe:
             raise _setting_error(setting, str(e)) from e
 
     def _build_fused_loss(self) -> Optional[FusedLinearDivergence]:
-        """``fused_loss_chunk_size: N``: the divergence from final hidden states and output weights,
-        N tokens at a time, so neither model's ``[tokens, V]`` logits are ever built (~80% less
-        loss memory, docs/benchmarks.md §1). Checked here, identically on every rank."""
+        """``fused_loss_chunk_size: N``: the divergence and the CE from final hidden states and
+        output weights, N tokens at a time, so neither model's ``[tokens, V]`` logits are ever
+        built (~80% less loss memory, docs/benchmarks.md §1); any kd_ratio, one or N processes
+        (``_loss_sums``). Checked here, identically on every rank. Still refused: methods without
+        a divergence (nothing to fuse), encoder-decoders (T5's head and loss have no hidden-state
+        entry point here; the logits path serves them), a head that is not a plain or tied linear
+        layer (soft-capped Gemma 2, LoRA on the head); method=distillm2 is refused in
+        ``check_config`` (its per-sequence means and α need the logits)."""
         chunk = self.cfg.fused_loss_chunk_size
         if chunk is None:
             return None
@@ -337,17 +342,16 @@ class KDOffPolicyRecipe:
             raise _setting_error(key, f"method={self.method} has no divergence to fuse; set it to null")
         if self.io.is_encoder_decoder:
             raise _setting_error(key, "the fused loss supports decoder-only models; T5/mT5 use the logits path (null)")
-        if self.distributed:
-            raise _setting_error(key, f"the fused loss runs in one process (got {self.world_size}): FSDP shards the "
-                                      "output weight, which the loss reads outside the model's forward; set it to null")
-        if self.kd_ratio != 1.0:
-            raise _setting_error(key, f"the fused loss needs kd_ratio=1 (got {self.kd_ratio}): the CE term with "
-                                      "gradients would need the logits it avoids")
         for name, model in (("student", self.student), ("teacher", self.teacher)):
             try:
                 output_projection(model)
             except ValueError as e:
                 raise _setting_error(key, f"{name}: {e}") from None
+        if isinstance(self.teacher, FSDPModule):
+            # The loss reads the teacher's head whole from inside the student's forward: its root
+            # group (embeddings, norm, head) stays gathered after the teacher's forward instead of
+            # being gathered a second time, and is resharded once the loss is computed.
+            self.teacher.set_reshard_after_forward(False, recurse=False)
         return FusedLinearDivergence(self.loss_fn, chunk_size=int(chunk))
 
     def _build_loss(self, student_dir: str, teacher_dir: Optional[str]) -> Optional[Divergence]:
@@ -799,24 +803,15 @@ class KDOffPolicyRecipe:
         ]).float()
         return terms["loss"].sum(), ce_sum, stats
 
-    def _loss_sums(self, batch: Dict[str, Any]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(divergence sum, CE sum) over the batch's unmasked tokens. The models run in
-        ``_compute()`` (bf16 under mixed precision); the losses upcast their inputs and compute in
-        fp32 (the fused loss applies the head chunk by chunk inside ``_compute()``, as the model's
-        own head would be applied, and its divergence in fp32)."""
+    def _loss_sums(self, batch: Dict[str, Any]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(kd_ratio·D + (1−kd_ratio)·CE, D, CE) as sums over the batch's unmasked tokens; the first
+        carries the gradient, the other two are for the metrics. The models run in ``_compute()``
+        (bf16 under mixed precision); the losses upcast their inputs and compute in fp32 (the fused
+        loss applies the head chunk by chunk inside ``_compute()``, as the model's own head would
+        be applied, and its divergence and CE in fp32)."""
         labels = batch["labels"].to(self.device)
         if self.fused_loss is not None:
-            with self._compute():
-                hidden, weight, bias = self.io.forward_hidden(self.student, batch, self.device)
-                with torch.no_grad():
-                    t_hidden, t_weight, t_bias = self.io.forward_hidden(self.teacher, batch, self.device)
-                    # CE is only logged here (kd_ratio = 1): no gradient, one chunk of logits at a time
-                    ce_sum, _ = linear_cross_entropy_sum_and_count(
-                        hidden.detach(), weight.detach(), labels, None if bias is None else bias.detach(),
-                        chunk_size=self.fused_loss.chunk_size)
-                div_sum, _ = self.fused_loss.sum_and_count(hidden, weight, t_hidden, t_weight, labels,
-                                                           student_bias=bias, teacher_bias=t_bias)
-            return div_sum.float(), ce_sum.float()
+            return self._fused_loss_sums(batch, labels)
         with self._compute():
             student_logits = self.io.forward(self.student, batch, self.device)
         # kd_ratio = 1: the CE is only logged; with a graph it would keep its log-softmax [tokens, V]
@@ -824,11 +819,42 @@ class KDOffPolicyRecipe:
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.kd_ratio < 1.0):
             ce_sum, _ = cross_entropy_sum_and_count(student_logits, labels)
         if self.loss_fn is None or self.kd_ratio == 0.0:
-            return torch.zeros((), device=self.device), ce_sum
-        with torch.no_grad(), self._compute():
-            teacher_logits = self.io.forward(self.teacher, batch, self.device)
-        div_sum, _ = self.loss_fn.sum_and_count(student_logits, teacher_logits, labels)
-        return div_sum.float(), ce_sum
+            div_sum = torch.zeros((), device=self.device)
+        else:
+            with torch.no_grad(), self._compute():
+                teacher_logits = self.io.forward(self.teacher, batch, self.device)
+            div_sum, _ = self.loss_fn.sum_and_count(student_logits, teacher_logits, labels)
+            div_sum = div_sum.float()
+        return self.kd_ratio * div_sum + (1.0 - self.kd_ratio) * ce_sum, div_sum, ce_sum
+
+    def _fused_loss_sums(self, batch: Dict[str, Any], labels: torch.Tensor):
+        """``_loss_sums`` with ``fused_loss_chunk_size``: one chunked pass over both heads gives
+        the loss with the gradients of both terms, and the D and CE sums logged (no second pass).
+
+        The loss runs inside the student's forward, in place of its head (``io.forward_loss``):
+        under FSDP2 the student's root pre-forward hook has all-gathered its embeddings, norm and
+        head (tied or not), its backward hooks reduce-scatter their gradients (the loss hands
+        autograd the head's gradient, computed chunk by chunk in the forward). The teacher's root
+        group stays gathered after the teacher's forward (``_build_fused_loss``) and is resharded
+        right after the loss. Every rank runs the same forwards and collectives in the same order;
+        only the number of chunks (no collective in them) depends on the rank's tokens."""
+        with self._compute():
+            with torch.no_grad():
+                t_hidden, _, _ = self.io.forward_hidden(self.teacher, batch, self.device)
+            try:
+                if isinstance(self.teacher, FSDPModule):
+                    self.teacher.unshard()  # a no-op: gathered by its forward
+                t_weight, t_bias = output_projection(self.teacher)
+
+                def loss_of_hidden(hidden, weight, bias):
+                    return self.fused_loss.loss_sums(hidden, weight, t_hidden, t_weight, labels, bias, t_bias,
+                                                     kd_ratio=self.kd_ratio)
+
+                loss_sum, div_sum, ce_sum, _ = self.io.forward_loss(self.student, batch, self.device, loss_of_hidden)
+            finally:
+                if isinstance(self.teacher, FSDPModule):
+                    self.teacher.reshard()
+        return loss_sum.float(), div_sum.float(), ce_sum.float()
 
     def _train_step(self, order: torch.Tensor) -> Dict[str, float]:
         t0 = time.perf_counter()
@@ -863,9 +889,10 @@ class KDOffPolicyRecipe:
                 div_sum, ce_sum, st = self._distillm2_sums(batch)
                 d2_stats[:8] += st[:8]
                 d2_stats[8:] = st[8:] if i == 0 else torch.maximum(d2_stats[8:], st[8:])
+                loss_sum = self.kd_ratio * div_sum + (1.0 - self.kd_ratio) * ce_sum
             else:
-                div_sum, ce_sum = self._loss_sums(batch)
-            loss = (self.kd_ratio * div_sum + (1.0 - self.kd_ratio) * ce_sum) / div_denom
+                loss_sum, div_sum, ce_sum = self._loss_sums(batch)
+            loss = loss_sum / div_denom
             lm_sum = torch.zeros((), device=self.device)
             if lm_batches:
                 with self._compute():
@@ -970,6 +997,8 @@ class KDOffPolicyRecipe:
             with self._compute():
                 if self.fused_loss is not None:
                     out = [self.io.forward_hidden(self.teacher, batch, self.device)[0]]
+                    if isinstance(self.teacher, FSDPModule):
+                        self.teacher.reshard()  # its root group stays gathered after a forward
                 else:
                     out = self.io.forward(self.teacher, batch, self.device)
                 out = out if isinstance(out, list) else [out]

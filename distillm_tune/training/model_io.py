@@ -6,7 +6,7 @@ and the response the decoder target. These classes do the three things that diff
 samples into a batch, running a model on a batch, and generating responses.
 """
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -51,22 +51,35 @@ class CausalLMIO:
     def forward_hidden(self, model: nn.Module, batch: Dict[str, Any], device: torch.device):
         """``(hidden [B, S, H], weight [V, H], bias or None)``: the input of the output projection
         and the projection itself, so that a loss can apply it chunk by chunk
-        (``FusedLinearDivergence``) instead of receiving the ``[B, S, V]`` logits."""
+        (``FusedLinearDivergence``) instead of receiving the ``[B, S, V]`` logits. Under FSDP the
+        weight returned is the sharded parameter (read outside the forward); ``forward_loss``
+        reads it whole."""
         weight, bias = output_projection(model)
+        hidden = self.forward_loss(model, batch, device, lambda h, w, b: h)
+        return hidden, weight, bias
 
-        def hidden_states(h: torch.Tensor) -> torch.Tensor:
+    def forward_loss(self, model: nn.Module, batch: Dict[str, Any], device: torch.device,
+                     loss_of_hidden: Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], Any]):
+        """The model's forward with its head replaced by ``loss_of_hidden(hidden [B, S, H],
+        weight [V, H], bias or None)``, whose result the forward returns. The loss runs inside the
+        model's own forward: under FSDP2 the root module's pre-forward hook has all-gathered the
+        parameters that are not in a layer (embeddings, final norm, head; a tied head is the
+        embedding), so ``weight`` is the whole head, and the root's backward hooks reduce-scatter
+        its gradient; on one process it is the plain parameter."""
+
+        def head(h: torch.Tensor):
             h = model.norm(h)
             project_out = getattr(model, "project_out", None)  # OPT-350m: 1024 -> 512 before the head
-            return h if project_out is None else project_out(h)
+            h = h if project_out is None else project_out(h)
+            return loss_of_hidden(h, *output_projection(model))
 
         # The decoders end with ``self.unembed(h)``; an instance attribute shadows that method for
         # this one call, so everything before the head runs exactly as in ``forward``.
-        model.unembed = hidden_states
+        model.unembed = head
         try:
-            hidden = model(batch["tokens"].to(device))
+            return model(batch["tokens"].to(device))
         finally:
             del model.unembed
-        return hidden, weight, bias
 
     def generate(self, model: nn.Module, samples: List[Sample], *, max_new_tokens: int,
                  generator: Optional[torch.Generator], dtype: torch.dtype, device: torch.device,

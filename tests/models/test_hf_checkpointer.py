@@ -357,3 +357,14 @@ def test_fallback_when_a_module_has_other_buffers(source, batch, tmp_path):
     model = load_hf(path)
     assert model.scale.item() == 1.0
     assert max_diff(tune_logits(model, batch), hf_logits(source[1], *batch), batch) < ATOL
+
+
+def test_tensors_covering_part_of_their_storage_are_written(tmp_path):
+    """FSDP2's gathered full tensors of an odd row count (GPT-2's 50257-row embedding on 2 ranks)
+    are views of the padded all-gather buffer; safetensors refuses those unless copied out."""
+    padded = torch.arange(7 * 3, dtype=torch.float32).reshape(7, 3)
+    sd = {"wte": padded[:5], "other": torch.ones(2)}
+    assert sd["wte"].is_contiguous() and sd["wte"].untyped_storage().nbytes() > sd["wte"].numel() * 4
+    hf._write_weights(hf._for_safetensors(sd, None), str(tmp_path), hf.DEFAULT_MAX_SHARD_SIZE)
+    back = safetensors.torch.load_file(str(tmp_path / "model.safetensors"))
+    assert torch.equal(back["wte"], padded[:5]) and torch.equal(back["other"], sd["other"])

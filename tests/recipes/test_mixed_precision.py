@@ -104,7 +104,7 @@ def test_mixed_precision_keeps_fp32_weights_and_optimizer_state_and_computes_in_
     assert start["val_loss_start"] != start32["val_loss_start"]  # computed in bf16, not fp32
 
 
-@pytest.mark.parametrize("extra", [[], ["loss.temperature=2.0"]], ids=["kd", "kd-T2"])
+@pytest.mark.parametrize("extra", [[], ["loss.temperature=2.0"], ["kd_ratio=0.5"]], ids=["kd", "kd-T2", "kd0.5"])
 def test_mixed_precision_fused_loss_matches_the_mixed_logits_path(tiny_assets, tmp_path, one_thread, extra):
     """The fused loss applies the head chunk by chunk in bf16 like the model's own head under
     autocast: losses and weights equal the logits path up to bf16 rounding."""
@@ -188,3 +188,30 @@ def test_mixed_precision_run_resumes_exactly_and_may_switch_mixed_precision_on_r
     for step in (4, 5, 6):
         assert tail[step]["loss"] == pytest.approx(last[step]["loss"], rel=1e-2)
         assert tail[step]["loss"] != last[step]["loss"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kd_ratio", ["1.0", "0.5"])
+def test_two_process_mixed_precision_fused_loss_follows_the_one_process_mixed_logits_run(tiny_assets, tmp_path,
+                                                                                        one_thread, kd_ratio):
+    """fused_loss_chunk_size under FSDP2 with MixedPrecisionPolicy: the head is gathered in bf16 by
+    the root's hook, the loss computes in fp32 from bf16 logits chunks, the gradient is reduced in
+    fp32. Same global batch, 6 steps, vs the 1-process mixed logits run: within the tolerance of
+    the 2-process mixed logits run above (3e-3), fp32 master weights."""
+    args = ["method=kd", f"kd_ratio={kd_ratio}", "epochs=2"]
+    _, mixed1 = run_recipe(tiny_assets, str(tmp_path / "one"), *args, "batch_size=8", "mixed_precision=bf16")
+    cmd = tune_cmd(f"assets_dir={tiny_assets}", f"output_dir={tmp_path / 'two'}", *args, "batch_size=4",
+                   "mixed_precision=bf16", "fused_loss_chunk_size=7", nproc=2)
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    mixed2 = read_metrics(str(tmp_path / "two"))
+    assert len(mixed2) == 6
+    dev = _rel_deviation(mixed2, mixed1)
+    print(f"2-process fused vs 1-process logits, mixed: max {max(dev):.2e}")
+    assert max(dev) < 3e-3
+    for a, b in zip(mixed2, mixed1):
+        assert a["loss_ce"] == pytest.approx(b["loss_ce"], rel=3e-3)
+    w2, w1 = hf_weights(tmp_path / "two"), hf_weights(tmp_path / "one")
+    assert {w.dtype for w in w2.values()} == {torch.float32} and _fine_fraction(w2) > 0.99
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-2)
