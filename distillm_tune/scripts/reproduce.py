@@ -481,8 +481,34 @@ def train(out: str, *, seed: int, runs: Sequence[str], steps: int, epochs: int, 
 
 # ---------------------------------------------------------------------------------- summarize
 
-def summarize_run(seed_dirs: Dict[int, str]) -> Dict[str, Any]:
-    """Per-seed values and their mean / std for one run (``{seed: run_dir}``)."""
+def generation_stats(run_dir: str, categories: Sequence[str]) -> Optional[Dict[str, Any]]:
+    """What the sampled test answers of one run look like (``eval/generations.jsonl``, every
+    sampling seed pooled): mean words per answer and per first reference, the share of empty
+    answers, and ROUGE-L per task category (``categories[i]``: the category of test row i).
+    None when the run kept no generations."""
+    from distillm_tune.eval.metrics import rouge_l
+
+    path = os.path.join(run_dir, "eval", "generations.jsonl")
+    if not os.path.isfile(path):
+        return None
+    rows = read_metrics(path)
+    if not rows:
+        return None
+    by_cat: Dict[str, Tuple[List[str], List[List[str]]]] = {}
+    for r in rows:
+        cat = categories[r["index"]] if r["index"] < len(categories) else "other"
+        preds, refs = by_cat.setdefault(cat, ([], []))
+        preds.append(r["generation"])
+        refs.append(list(r["references"]))
+    return {"words": _mean([len(r["generation"].split()) for r in rows]),
+            "reference_words": _mean([len(r["references"][0].split()) for r in rows]),
+            "empty": _mean([float(not r["generation"].strip()) for r in rows]),
+            "rouge_by_category": {c: rouge_l(p, rf) for c, (p, rf) in sorted(by_cat.items())}}
+
+
+def summarize_run(seed_dirs: Dict[int, str], categories: Sequence[str] = ()) -> Dict[str, Any]:
+    """Per-seed values and their mean / std for one run (``{seed: run_dir}``); ``categories``: the
+    task category of each test row, for ``generation_stats``."""
     per_seed: Dict[int, Dict[str, Any]] = {}
     for seed, d in sorted(seed_dirs.items()):
         res = _read_json(os.path.join(d, "result.json"))
@@ -511,6 +537,7 @@ def summarize_run(seed_dirs: Dict[int, str]) -> Dict[str, Any]:
             "gen_time_share": sum(generating) / sum(times) if times and sum(times) > 0 else float("nan"),
             "final_phi": float(step_rows[-1].get("phi", 0.0)) if step_rows else float("nan"),
             "val_curve": val,
+            "generations": generation_stats(d, categories),
         }
     agg: Dict[str, Any] = {"seeds": sorted(per_seed), "per_seed": per_seed}
     for key in ("test_rouge_l_greedy", "test_rouge_l_sampled", "best_val_test_rouge_l_greedy", "train_time_s",
@@ -518,6 +545,13 @@ def summarize_run(seed_dirs: Dict[int, str]) -> Dict[str, Any]:
         vals = [v[key] for v in per_seed.values() if v[key] is not None]
         agg[key] = mean_std(vals) if vals else None
     agg["steps"] = sorted({v["steps"] for v in per_seed.values()})
+    gens = [v["generations"] for v in per_seed.values() if v["generations"]]
+    if gens:
+        cats = sorted({c for g in gens for c in g["rouge_by_category"]})
+        agg["generations"] = {
+            **{k: mean_std([g[k] for g in gens]) for k in ("words", "reference_words", "empty")},
+            "rouge_by_category": {c: mean_std([g["rouge_by_category"][c] for g in gens if c in g["rouge_by_category"]])
+                                  for c in cats}}
     return agg
 
 
@@ -541,8 +575,15 @@ def aggregate(out: str) -> Dict[str, Any]:
     runs = collect(out)
     summary: Dict[str, Any] = {"runs": {}}
     order = [n for n in RUNS if n in runs] + sorted(n for n in runs if n not in RUNS)
+    info_path = os.path.join(out, "prepare.json")
+    categories: List[str] = []
+    if os.path.isfile(info_path):
+        assets = _read_json(info_path).get("assets")
+        test = os.path.join(assets, "data", "test.jsonl") if assets else ""
+        if os.path.isfile(test):
+            categories = [str(r.get("category", "other")) for r in read_metrics(test)]
     for name in order:
-        summary["runs"][name] = summarize_run(runs[name])
+        summary["runs"][name] = summarize_run(runs[name], categories)
     kd = summary["runs"].get(KD_RUN)
     for name, s in summary["runs"].items():
         if kd is None or not kd["train_time_s"] or kd["train_time_s"][0] <= 0:
@@ -674,6 +715,22 @@ def render_markdown(summary: Dict[str, Any], plots: Dict[str, str], command: str
                     "training times below.", ""]
     if other:
         out += ["## Other runs", ""] + _rouge_table(summary, other) + [""]
+    with_gens = [n for n in runs if runs[n].get("generations")]
+    if with_gens:
+        cats = sorted({c for n in with_gens for c in runs[n]["generations"]["rouge_by_category"]})
+        ref_words = runs[with_gens[0]]["generations"]["reference_words"][0]
+        out += ["## The sampled test answers", "",
+                "Every sampled test answer of a run (all evaluation seeds pooled; "
+                "`eval/generations.jsonl`): words per answer (the references have "
+                f"{ref_words:.1f}), share of empty answers and ROUGE-L per task; mean ± std over the "
+                "training seeds.", "",
+                "| run | words per answer | empty | " + " | ".join(cats) + " |",
+                "|---|---:|---:|" + "---:|" * len(cats)]
+        for n in with_gens:
+            g = runs[n]["generations"]
+            out.append(f"| `{n}` | {_pm(g['words'], 1)} | {_pm(g['empty'], 2)} | "
+                       + " | ".join(_pm(g["rouge_by_category"].get(c), 1) for c in cats) + " |")
+        out += [""]
     out += ["## Fig. 7 / Tab. 9: training time relative to KD", "",
             "Training time = sum of the recipe's `step_time` over all steps (optimizer steps including SGO "
             "generation; validation, checkpoints and setup excluded), plus distillm2's sampling of the "

@@ -322,3 +322,23 @@ def test_smollm2_pair_scores_through_the_chat_template(tmp_path, smollm2_dir, on
     assert "<|im_start|>" not in row["response"]
     report = rp.render_markdown(rp.aggregate(str(out)), {}, "test")
     assert "pair `smollm2`" in report and "SmolLM2-135M-Instruct" in report
+
+
+def test_generation_stats_of_the_sampled_answers(tmp_path):
+    """Words, empty share and per-task ROUGE-L of a run's sampled test answers, against values
+    worked out by hand (ROUGE-L of an exact match is 100, of a disjoint answer 0, of 'b c' against
+    'a b c d' F = 2·(1·0.5)/(1 + 0.5) = 66.67)."""
+    d = tmp_path / "run"
+    (d / "eval").mkdir(parents=True)
+    gens = [  # (test row, answer, reference)
+        (0, "apple fig", "apple fig"), (1, "", "red blue"), (2, "b c", "a b c d"),
+        (0, "pear", "apple fig"), (1, "red blue", "red blue"), (2, "a b c d", "a b c d")]
+    with open(d / "eval" / "generations.jsonl", "w") as f:
+        for seed, (i, g, ref) in zip([10, 10, 10, 20, 20, 20], gens):
+            f.write(json.dumps({"dataset": "test", "seed": seed, "index": i, "generation": g, "references": [ref]}) + "\n")
+    s = rp.generation_stats(str(d), ["sort", "upper", "count"])
+    assert s["words"] == pytest.approx((2 + 0 + 2 + 1 + 2 + 4) / 6)
+    assert s["reference_words"] == pytest.approx((2 + 2 + 4 + 2 + 2 + 4) / 6)
+    assert s["empty"] == pytest.approx(1 / 6)
+    assert s["rouge_by_category"] == pytest.approx({"sort": 50.0, "upper": 50.0, "count": (200 / 3 + 100) / 2})
+    assert rp.generation_stats(str(tmp_path / "none"), []) is None
