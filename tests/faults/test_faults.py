@@ -185,8 +185,8 @@ def _one_nan_loss_at(step):
         original = kd_offpolicy.KDOffPolicyRecipe._loss_sums
 
         def loss_sums(self, batch):
-            div, ce = original(self, batch)
-            return (div * float("nan"), ce) if self.global_step + 1 == step else (div, ce)
+            loss, div, ce = original(self, batch)  # (kd_ratio·D + (1−kd_ratio)·CE, D, CE)
+            return (loss * float("nan"), div * float("nan"), ce) if self.global_step + 1 == step else (loss, div, ce)
         monkeypatch.setattr(kd_offpolicy.KDOffPolicyRecipe, "_loss_sums", loss_sums)
     return patch
 

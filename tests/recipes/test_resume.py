@@ -182,8 +182,8 @@ def test_a_save_before_the_first_optimizer_step_changes_nothing_and_resumes_exac
     original = kd_offpolicy.KDOffPolicyRecipe._loss_sums
 
     def loss_sums(self, batch):
-        div, ce = original(self, batch)
-        return (div * float("nan"), ce) if self.global_step == 0 else (div, ce)
+        loss, div, ce = original(self, batch)  # (kd_ratio·D + (1−kd_ratio)·CE, D, CE)
+        return (loss * float("nan"), div * float("nan"), ce) if self.global_step == 0 else (loss, div, ce)
 
     monkeypatch.setattr(kd_offpolicy.KDOffPolicyRecipe, "_loss_sums", loss_sums)
     args = ["method=kd", "keep_last_checkpoints=3"]
