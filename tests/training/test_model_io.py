@@ -1,7 +1,7 @@
 """CausalLMIO.forward_hidden: the hidden states and output projection it returns give back the
 model's own logits, for a tied head (GPT-2), a tied head behind project_out (OPT-350m style) and an
 untied head (Llama), tied heads of torchtune's own families (Llama 3.2, Qwen2, Gemma's scaled
-embeddings); linear_cross_entropy_sum_and_count equals CE over those logits. Gemma 2's soft-capped
+embeddings) (the fused loss's CE over them: tests/losses/test_fused.py). Gemma 2's soft-capped
 head is refused by the fused path."""
 
 import pytest
@@ -10,7 +10,6 @@ from transformers import (GemmaConfig, GemmaForCausalLM, Gemma2Config, Gemma2For
                           GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM,
                           Qwen2Config, Qwen2ForCausalLM)
 
-from distillm_tune.losses.cross_entropy import cross_entropy_sum_and_count, linear_cross_entropy_sum_and_count
 from distillm_tune.models import load_hf
 from distillm_tune.training.model_io import CausalLMIO, output_projection
 
@@ -43,8 +42,6 @@ def test_hidden_states_and_head_give_the_models_logits(name, tmp_path):
     model = load_hf(str(tmp_path)).eval()
     io = CausalLMIO(tokenizer=None)
     tokens = torch.randint(0, VOCAB, (3, 9))
-    labels = torch.randint(0, VOCAB, (3, 9))
-    labels[0, :4] = -100
     with torch.no_grad():
         logits = io.forward(model, {"tokens": tokens}, torch.device("cpu"))
         hidden, weight, bias = io.forward_hidden(model, {"tokens": tokens}, torch.device("cpu"))
@@ -52,10 +49,6 @@ def test_hidden_states_and_head_give_the_models_logits(name, tmp_path):
     assert hidden.shape == (3, 9, weight.shape[1]) and weight.shape[0] == logits.shape[-1]
     assert (weight is model.tok_embeddings.weight) == (name != "llama_untied")
     torch.testing.assert_close(torch.nn.functional.linear(hidden, weight, bias), logits, rtol=1e-5, atol=1e-5)
-    want, n = cross_entropy_sum_and_count(logits, labels)
-    got, m = linear_cross_entropy_sum_and_count(hidden, weight, labels, bias, chunk_size=5)
-    assert int(m) == int(n) == 23
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert output_projection(model)[0] is weight
 
 
