@@ -13,6 +13,8 @@ top-p 1.0, no top-k) by
                 outside the vocabulary (so every row runs to ``--new-tokens``)
   (3) tt        torchtune's stock ``torchtune.generation.generate`` on the ported model (KV caches
                 set up around the call; it keeps fp32 logits of every step)
+  (2') ours_plain (2) with ``pack_weights=False``: ``F.linear`` instead of MKL-packed weights on CPU
+                (not run unless named in ``--contenders``)
 
 (2) samples by inverse CDF (``distillm_tune.generation.sample_next_token``) since the prototype
 contender that measured that change was adopted (docs/benchmarks.md §2).
@@ -37,8 +39,10 @@ of one call after a warm-up call, see ``_cpu_peak_growth``).
 conversion) on chat-template prompts of varying length, greedy, every row stopping at its first
 stop id (``<|im_end|>``) or after ``--new-tokens``: transformers' ``generate`` on
 ``AutoModelForCausalLM`` vs ``generate_responses`` on the torchtune-native model, with the same
-prompts and the same stopping. Tokens/s counts each contender's own generated tokens (greedy:
-the same up to floating-point ties; both counts are printed).
+prompts and the same stopping, and (2') ``generate_responses(..., pack_weights=False)``
+(``F.linear`` instead of MKL-packed weights). Tokens/s counts each contender's own generated tokens
+(greedy: the same up to floating-point ties; the counts are printed). ``--cpu-memory`` adds each
+contender's peak RSS growth over one call, measured in this process after the timing.
 """
 
 import argparse
@@ -55,11 +59,12 @@ import time
 
 import torch
 
-CONTENDERS = ("hf", "ours", "tt")
+CONTENDERS = ("hf", "ours", "tt", "ours_plain")
 LABELS = {
     "hf": "(1) transformers generate",
     "ours": "(2) generate_responses",
     "tt": "(3) torchtune generate",
+    "ours_plain": "(2') generate_responses, F.linear",
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -136,9 +141,9 @@ def make_runners(args, hf, tt, device, dtype):
         )
         return out.shape[0] * (out.shape[1] - ids.shape[1])
 
-    def run_ours():
+    def run_ours(pack_weights=True):
         res = generate_responses(tt, prompts, max_new_tokens=n, eos_ids=never_eos, pad_id=pad_id,
-                                 temperature=1.0, top_p=1.0, generator=gen)
+                                 temperature=1.0, top_p=1.0, generator=gen, pack_weights=pack_weights)
         return sum(len(r["response"]) for r in res)
 
     def run_tt():
@@ -148,7 +153,7 @@ def make_runners(args, hf, tt, device, dtype):
                                        temperature=1.0, rng=gen)
         return out.shape[0] * (out.shape[1] - ids.shape[1])
 
-    return {"hf": run_hf, "ours": run_ours, "tt": run_tt}
+    return {"hf": run_hf, "ours": run_ours, "tt": run_tt, "ours_plain": lambda: run_ours(pack_weights=False)}
 
 
 # ----------------------------------------------------------------------------- measurement
@@ -263,28 +268,31 @@ def smollm2_case(args):
                               eos_token_id=eos, pad_token_id=pad)[:, longest:].tolist()
         return sum(next((i + 1 for i, t in enumerate(row) if t in eos), len(row)) for row in out)
 
-    def run_ours():
+    def run_ours(pack_weights=True):
         res = generate_responses(ours, prompts, max_new_tokens=args.new_tokens, eos_ids=eos, pad_id=pad,
-                                 temperature=0.0)
+                                 temperature=0.0, pack_weights=pack_weights)
         return sum(len(r["response"]) for r in res)
 
-    names = ["hf", "ours"]
-    times, _, counts = time_interleaved({"hf": run_hf, "ours": run_ours}, names, torch.device("cpu"),
-                                        args.warmup, args.repeats)
+    runners = {"hf": run_hf, "ours": run_ours, "ours_plain": lambda: run_ours(pack_weights=False)}
+    names = ["hf", "ours", "ours_plain"]
+    times, _, counts = time_interleaved(runners, names, torch.device("cpu"), args.warmup, args.repeats)
+    peaks = {k: _cpu_peak_growth(runners[k]) for k in names} if args.cpu_memory else {}
     print(f"model: SmolLM2-135M-Instruct (30 layers x 576, 9 query / 3 key-value heads, tied head, V=49152); "
           f"batch {args.batch} chat prompts of {min(map(len, prompts))}..{longest} tokens, greedy, stop at "
           f"{eos} or {args.new_tokens} new tokens; cpu fp32")
     print(f"machine: {machine_line(args)}; load average now {os.getloadavg()[0]:.2f}")
-    print(f"generated tokens per call: transformers {counts['hf']}, ours {counts['ours']} "
-          f"(of {args.batch * args.new_tokens} at most)\n")
-    print("| contender | median s | tokens/s | x transformers | x tf per round |")
-    print("|---|---:|---:|---:|---:|")
+    print(f"generated tokens per call: transformers {counts['hf']}, ours {counts['ours']}, "
+          f"ours with F.linear {counts['ours_plain']} (of {args.batch * args.new_tokens} at most)\n")
+    mem_h = " peak RSS growth MiB |" if peaks else ""
+    print(f"| contender | median s | tokens/s | x transformers | x tf per round |{mem_h}")
+    print("|---|---:|---:|---:|---:|" + ("---:|" if peaks else ""))
     base = statistics.median(times["hf"])
     for k in names:
         med = statistics.median(times[k])
         per_round = statistics.median((counts[k] / t) / (counts["hf"] / h) for h, t in zip(times["hf"], times[k]))
+        mem = f" {peaks[k] / 2**20:.0f} |" if peaks else ""
         print(f"| {LABELS[k]} | {med:.3f} | {counts[k] / med:.1f} | {(counts[k] / med) / (counts['hf'] / base):.2f} "
-              f"| {per_round:.2f} |")
+              f"| {per_round:.2f} |{mem}")
 
 
 def main():
@@ -301,7 +309,7 @@ def main():
                     "1 avoids OpenMP barrier stalls when other processes hold the cores")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
+    ap.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=["hf", "ours", "tt"])
     ap.add_argument("--profile", choices=CONTENDERS, help="print a torch.profiler table for one contender")
     ap.add_argument("--profile-rows", type=int, default=25)
     ap.add_argument("--cpu-memory", action="store_true",
@@ -356,7 +364,8 @@ def main():
           f"{expected} generated tokens per call; ratios are to (1) in the same run")
     print()
     mem_h = " peak MiB |" if show_mem else ""
-    header = (f"| {'contender':<27} | {'median s':>8} | {'min s':>6} | {'tokens/s':>8} "
+    width = max(len(LABELS[k]) for k in names)
+    header = (f"| {'contender':<{width}} | {'median s':>8} | {'min s':>6} | {'tokens/s':>8} "
               f"| {'x transformers':>14} | {'x tf per round':>14} |{mem_h}")
     print(header)
     print("|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|")
@@ -366,7 +375,7 @@ def main():
         # each round's contenders ran back to back, so the per-round ratio cancels slow load drift
         per_round = statistics.median(h / t for h, t in zip(times["hf"], times[k]))
         mem = f" {peaks[k] / 2**20:>8.0f} |" if show_mem else ""
-        print(f"| {LABELS[k]:<27} | {med:>8.3f} | {min(times[k]):>6.3f} | {expected / med:>8.1f} "
+        print(f"| {LABELS[k]:<{width}} | {med:>8.3f} | {min(times[k]):>6.3f} | {expected / med:>8.1f} "
               f"| {base / med:>14.2f} | {per_round:>14.2f} |{mem}")
 
 

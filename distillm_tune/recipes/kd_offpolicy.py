@@ -177,7 +177,8 @@ class KDOffPolicyRecipe:
         self.kd_ratio = float(cfg.kd_ratio) if self.uses_teacher else 0.0
         self.clip_grad_norm = cfg.clip_grad_norm
         sgo = cfg.sgo
-        self.sgo_cfg = {"temperature": float(sgo.temperature), "top_p": float(sgo.top_p), "top_k": sgo.top_k}
+        self.sgo_cfg = {"temperature": float(sgo.temperature), "top_p": float(sgo.top_p), "top_k": sgo.top_k,
+                        "pack_weights": bool(sgo.pack_weights)}
         self.max_new_tokens = int(sgo.max_new_tokens or cfg.max_seq_len - cfg.max_prompt_len)
         self.gkd_sgo_prob = float(sgo.gkd_sgo_prob)
         self.guards = cfg.guards

@@ -81,6 +81,8 @@ class SGOConfig:
     temperature: float = setting(1.0, low=0)
     top_p: float = setting(1.0, low=0, high=1, low_open=True)
     top_k: Optional[int] = setting(None, low=1)
+    pack_weights: bool = setting(True, doc="CPU fp32: multiply with MKL-packed copies of the student's linear weights "
+                                 "during generation (faster; + the weights' size in memory for the call)")
     gkd_sgo_prob: float = setting(0.5, low=0, high=1, doc="method=gkd: share of on-policy steps")
     start_after_steps: int = setting(0, low=0, doc="no student-generated outputs before this many optimizer steps")
     scheduler: SGOSchedulerConfig = setting(SGOSchedulerConfig())

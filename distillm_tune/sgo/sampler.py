@@ -21,6 +21,9 @@ Generation dominates the cost of on-policy KD (paper Fig. 2), so this sampler di
   ``cache[:, :, :prefix]``. torchtune's own forward expands the key/value heads of the whole cache
   and attends over all of its ``prompt + max_new_tokens`` slots every step; the slots past the
   prefix are masked out there, so the result is the same;
+- on CPU in fp32 the linear layers multiply with MKL-packed copies of their weights, made once per
+  call (:func:`distillm_tune.generation.mkl_packed_linears`): MKL's plain sgemm is slowest at the
+  few-row shapes of decoding;
 - generation stops at EOS per row, and the batch stops when all rows are done. Under
   ``torch.distributed`` the "all done" flag is all-reduced, so every rank runs the same number of
   forward passes: FSDP2 (``reshard_after_forward=True``) all-gathers parameters inside every
@@ -41,7 +44,7 @@ from torch import nn
 from torchtune.modules import KVCache, MultiHeadAttention
 from torchtune.modules.common_utils import local_kv_cache
 
-from distillm_tune.generation import all_ranks_done, sample_next_token
+from distillm_tune.generation import all_ranks_done, mkl_packed_linears, sample_next_token
 
 
 @torch.no_grad()
@@ -59,6 +62,7 @@ def generate_responses(
     sync_across_ranks: bool = True,
     cache_dtype: Optional[torch.dtype] = None,
     device: Optional[torch.device] = None,
+    pack_weights: bool = True,
 ) -> List[Dict[str, List[int]]]:
     """Sample a response for each prompt from a torchtune ``TransformerDecoder``.
 
@@ -80,6 +84,9 @@ def generate_responses(
             (pass the compute dtype when FSDP mixed precision casts parameters).
         device: where the forward runs; default the device of the model's first parameter (pass
             it when parameters are offloaded to CPU, e.g. FSDP2 ``CPUOffloadPolicy``).
+        pack_weights: on CPU in fp32, multiply with MKL-packed copies of the linear weights made
+            for the call (:func:`distillm_tune.generation.mkl_packed_linears`: faster decoding,
+            about the weights' size in extra memory during the call); False keeps ``F.linear``.
 
     Returns:
         ``[{"prompt": prompt, "response": generated ids}]`` in prompt order; a response ends at
@@ -118,7 +125,9 @@ def generate_responses(
     try:
         with local_kv_cache(
             model, batch_size=bsz, device=device, dtype=cache_dtype, decoder_max_seq_len=total
-        ), _last_position_only(model), _prefix_attention(model) as attn_state:
+        ), _last_position_only(model), _prefix_attention(model) as attn_state, mkl_packed_linears(
+            model, bsz, enabled=pack_weights and device.type == "cpu"
+        ):
             attn_state.set(start=0, end=plen, total=total)
             logits = _last_logits(model(tokens, mask=prefill_mask, input_pos=positions[:, :plen]))
             caches = [m for m in model.modules() if isinstance(m, KVCache)]

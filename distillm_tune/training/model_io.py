@@ -83,7 +83,8 @@ class CausalLMIO:
 
     def generate(self, model: nn.Module, samples: List[Sample], *, max_new_tokens: int,
                  generator: Optional[torch.Generator], dtype: torch.dtype, device: torch.device,
-                 temperature: float = 1.0, top_p: float = 1.0, top_k: Optional[int] = None) -> List[Sample]:
+                 temperature: float = 1.0, top_p: float = 1.0, top_k: Optional[int] = None,
+                 pack_weights: bool = True) -> List[Sample]:
         # the sampler wants plain [B, 1, V] logits, not torchtune's list of chunks
         chunks = model.num_output_chunks
         model.set_num_output_chunks(0)
@@ -92,6 +93,7 @@ class CausalLMIO:
                 model, [s["prompt"] for s in samples], max_new_tokens=max_new_tokens,
                 eos_ids=stop_ids(self.tokenizer), pad_id=self.tokenizer.pad_id, temperature=temperature,
                 top_p=top_p, top_k=top_k, generator=generator, cache_dtype=dtype, device=device,
+                pack_weights=pack_weights,
             )
         finally:
             model.set_num_output_chunks(chunks)
@@ -143,13 +145,14 @@ class Seq2SeqLMIO:
 
     def generate(self, model: nn.Module, samples: List[Sample], *, max_new_tokens: int,
                  generator: Optional[torch.Generator], dtype: torch.dtype, device: torch.device,
-                 temperature: float = 1.0, top_p: float = 1.0, top_k: Optional[int] = None) -> List[Sample]:
+                 temperature: float = 1.0, top_p: float = 1.0, top_k: Optional[int] = None,
+                 pack_weights: bool = True) -> List[Sample]:
         batch = self.collate([{"prompt": s["prompt"], "response": [self.tokenizer.eos_id]} for s in samples])
         out = generate_seq2seq(
             model, batch["input_ids"].to(device), batch["encoder_padding_mask"].to(device),
             max_new_tokens=max_new_tokens, decoder_start_token_id=self.decoder_start_id,
             eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id, temperature=temperature,
-            top_k=top_k, top_p=top_p, generator=generator, cache_dtype=dtype,
+            top_k=top_k, top_p=top_p, generator=generator, cache_dtype=dtype, pack_weights=pack_weights,
         ).tolist()
         eos = self.tokenizer.eos_id
         # keep the EOS the student produced; a row without one keeps all its tokens

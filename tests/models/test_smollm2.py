@@ -107,7 +107,7 @@ def test_batched_greedy_generation_equals_transformers_and_torchtunes_attention(
     """benchmarks/bench_generation.py --smollm2's case (issue #13): 16 left-padded chat prompts,
     greedy, 64 new tokens, stop at <|im_end|>. The sampler's generation-time attention (filled cache
     prefix, enable_gqa) gives the tokens of transformers' batched ``generate`` and, bitwise, the final
-    hidden states of torchtune's own attention forward."""
+    hidden states of torchtune's own attention forward; with and without MKL-packed weights."""
     import contextlib
     from unittest import mock
 
@@ -151,3 +151,7 @@ def test_batched_greedy_generation_equals_transformers_and_torchtunes_attention(
     ref = [row[: next((i + 1 for i, t in enumerate(row) if t in eos), len(row))] for row in ref]
     assert fast == ref
     assert len({len(r) for r in fast}) > 1 and sum(map(len, fast)) == 676  # rows stop at different steps
+    # the same tokens with F.linear instead of the MKL-packed weights (on by default on CPU fp32)
+    plain = generate_responses(ours, prompts, max_new_tokens=64, eos_ids=eos, pad_id=pad, temperature=0.0,
+                               pack_weights=False)
+    assert [s["response"] for s in plain] == fast

@@ -24,7 +24,7 @@ from torch import nn
 from torchtune.modules import MultiHeadAttention
 from torchtune.modules.common_utils import local_kv_cache
 
-from distillm_tune.generation import all_ranks_done, sample_next_token
+from distillm_tune.generation import all_ranks_done, mkl_packed_linears, sample_next_token
 
 
 def _t5_attention_call(q, k, v, mask, dropout_p, is_causal):
@@ -221,15 +221,17 @@ class T5EncoderDecoder(nn.Module):
 def generate_seq2seq(model: T5EncoderDecoder, input_ids, encoder_padding_mask=None, max_new_tokens=128,
                      decoder_start_token_id=0, eos_id=1, pad_id=0, temperature=1.0, greedy=False,
                      top_k=None, top_p=1.0, generator=None, sync_across_ranks=True,
-                     cache_dtype=None) -> torch.Tensor:
+                     cache_dtype=None, pack_weights=True) -> torch.Tensor:
     """Generated ids ``[B, n]`` (n <= max_new_tokens; start token not included), ``pad_id``
     after each row's EOS; stops early once every row has emitted EOS (like HF ``generate``).
 
     Encodes once; the first decoder step fills the cross-attention caches, later steps feed one
-    token and reuse every cached K/V. Runs in eval mode and restores the previous mode. Under
+    token and reuse every cached K/V (on CPU in fp32 with MKL-packed linear weights:
+    ``distillm_tune.generation.mkl_packed_linears``). Runs in eval mode and restores the previous mode. Under
     torch.distributed (``sync_across_ranks``) all ranks stop at the same step (FSDP lockstep).
     ``cache_dtype``: the KV caches' dtype, default the embedding's (pass the compute dtype under
     autocast or FSDP mixed precision, where keys and values are bf16 while the weights are fp32).
+    ``pack_weights``: False multiplies with ``F.linear`` instead of MKL-packed weights on CPU.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -239,7 +241,8 @@ def generate_seq2seq(model: T5EncoderDecoder, input_ids, encoder_padding_mask=No
     try:
         dtype = cache_dtype or model.tok_embeddings.weight.dtype
         with local_kv_cache(model, batch_size=batch, device=input_ids.device, dtype=dtype,
-                            encoder_max_seq_len=src_len, decoder_max_seq_len=max_new_tokens):
+                            encoder_max_seq_len=src_len, decoder_max_seq_len=max_new_tokens), \
+                mkl_packed_linears(model, batch, enabled=pack_weights and input_ids.device.type == "cpu"):
             encoder_out = model.encode(input_ids, encoder_padding_mask)
             tokens = torch.full((batch, 1), decoder_start_token_id, dtype=torch.long, device=input_ids.device)
             done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
