@@ -253,6 +253,25 @@ def test_bf16_models_train_with_fp32_losses(tiny_assets, tmp_path):
     assert kd16[0]["loss_ce"] == pytest.approx(kd32[0]["loss_ce"], rel=0.01)
 
 
+@pytest.mark.parametrize("setting,expected", [([], True), (["sgo.pack_weights=false"], False)])
+def test_sgo_pack_weights_reaches_the_sampler(tiny_assets, tmp_path, setting, expected):
+    """``sgo.pack_weights`` (default true) is what every on-policy generation call is given."""
+    from unittest import mock
+
+    from distillm_tune.training import model_io
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["pack_weights"])
+        return real(*args, **kwargs)
+
+    real = model_io.generate_responses
+    with mock.patch.object(model_io, "generate_responses", spy):
+        run_recipe(tiny_assets, str(tmp_path), "method=imitkd", *setting)
+    assert seen and all(v is expected for v in seen)
+
+
 def test_validation_rouge_is_logged_and_the_best_student_exported(tiny_assets, tmp_path):
     """Validation every step with ROUGE-L on 6 rows in batches of 4: each logged value equals a
     direct rouge_score computation on the same greedy generations; hf_model_best holds the best."""
