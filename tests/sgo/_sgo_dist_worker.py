@@ -34,6 +34,28 @@ def _count_forwards(model):
     return calls
 
 
+def _t5_case(rank):
+    """Encoder-decoder generation under FSDP2 (layers and root sharded, as the recipe does): the
+    greedy ids of the unsharded model, with ranks stopping at different steps."""
+    from distillm_tune.models.t5 import generate_seq2seq, t5
+    from distillm_tune.training.distributed import shard_layers
+    from distillm_tune.training.model_io import LAYER_CLASSES
+
+    torch.manual_seed(0)
+    model = t5(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4).eval()
+    # rank 0: two equal rows, so both stop at the same step; rank 1: never stops early
+    ids = torch.tensor([[5, 9, 13, 40], [5, 9, 13, 40]] if rank == 0 else [[7, 3, 22, 2], [33, 12, 19, 2]])
+    ref_model = copy.deepcopy(model)
+    free = generate_seq2seq(ref_model, ids, max_new_tokens=MAX_NEW, greedy=True, eos_id=VOCAB, sync_across_ranks=False,
+                            pack_weights=False)
+    eos = int(free[0, 2]) if rank == 0 else VOCAB  # rank 0 stops at step 3 at the latest
+    ref = generate_seq2seq(ref_model, ids, max_new_tokens=MAX_NEW, greedy=True, eos_id=eos, sync_across_ranks=False,
+                           pack_weights=False)
+    shard_layers(model, LAYER_CLASSES)  # as the recipe shards a student
+    got = generate_seq2seq(model, ids, max_new_tokens=MAX_NEW, greedy=True, eos_id=eos)
+    return {"t5_ref": ref.tolist(), "t5_got": got.tolist()}
+
+
 def worker(rank, out_dir, sync):
     from torch.distributed.fsdp import fully_shard
 
@@ -79,6 +101,7 @@ def worker(rank, out_dir, sync):
         prefix_attention=bool(fast) and all(fast),
         training_after=model.training, caches_after=model.caches_are_setup(),
     )
+    result.update(_t5_case(rank))
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
     dist.barrier()

@@ -217,6 +217,18 @@ class T5EncoderDecoder(nn.Module):
             layer.reset_cache()
 
 
+def _call_through_root(model: nn.Module, method, *args):
+    """``method(*args)`` called as the model's forward, through ``model.__call__``: FSDP2 hooks the
+    root module's call to all-gather the parameters outside its sharded layers (embeddings, head,
+    final norms); calling ``encode``/``decode`` directly would meet them still sharded. An instance
+    attribute shadows ``forward`` for the one call."""
+    model.forward = method
+    try:
+        return model(*args)
+    finally:
+        del model.forward
+
+
 @torch.no_grad()
 def generate_seq2seq(model: T5EncoderDecoder, input_ids, encoder_padding_mask=None, max_new_tokens=128,
                      decoder_start_token_id=0, eos_id=1, pad_id=0, temperature=1.0, greedy=False,
@@ -243,12 +255,12 @@ def generate_seq2seq(model: T5EncoderDecoder, input_ids, encoder_padding_mask=No
         with local_kv_cache(model, batch_size=batch, device=input_ids.device, dtype=dtype,
                             encoder_max_seq_len=src_len, decoder_max_seq_len=max_new_tokens), \
                 mkl_packed_linears(model, batch, enabled=pack_weights and input_ids.device.type == "cpu"):
-            encoder_out = model.encode(input_ids, encoder_padding_mask)
+            encoder_out = _call_through_root(model, model.encode, input_ids, encoder_padding_mask)
             tokens = torch.full((batch, 1), decoder_start_token_id, dtype=torch.long, device=input_ids.device)
             done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
             out = []
             for _ in range(max_new_tokens):
-                logits = model.decode(tokens, encoder_out, encoder_padding_mask)[:, -1]
+                logits = _call_through_root(model, model.decode, tokens, encoder_out, encoder_padding_mask)[:, -1]
                 nxt = sample_next_token(logits, temperature, top_k, top_p, generator, greedy)
                 nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
                 out.append(nxt)
