@@ -81,9 +81,9 @@ def mkl_packed_linears(model: nn.Module, rows: int, enabled: bool = True):
 
     Decoding multiplies a few rows by every weight matrix each step. On CPU, MKL's plain sgemm is
     slow at such shapes, and worst below 16 rows, where finished rows have left the batch (SmolLM2's
-    49152 x 576 head: 11.4 ms at 8 rows, 8.9 ms at 16, 2 threads); with the weights packed once
-    per call into MKL's internal layout the same products take 5.0 and 6.2 ms
-    (docs/benchmarks.md §2). The packed copies cost about the weights' size in extra memory for
+    49152 x 576 head: 10.5 ms at 8 rows, 9.5 ms at 16, 2 threads); with the weights packed once
+    per call into MKL's internal layout the same products take 5.9 and 6.6 ms
+    (benchmarks/bench_packed_linear.py, docs/benchmarks.md §2). The packed copies cost about the weights' size in extra memory for
     the call and are freed after it. Results equal ``F.linear``'s to float32 rounding (a different
     summation order; tests/test_generation.py).
 
