@@ -7,6 +7,7 @@ import functools
 import torch
 import torch.distributed as dist
 from torch import nn
+from torchtune.modules import TiedLinear
 
 
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=1.0, generator=None, greedy=False, uniforms=None):
@@ -64,16 +65,6 @@ def _packed_linear(packed: torch.Tensor, weight: torch.Tensor, bias, x: torch.Te
     return torch.ops.mkl._mkl_linear(x, packed, weight, bias, x.numel() // x.shape[-1])
 
 
-class _PackedTiedHead:
-    """Stands in for torchtune's ``TiedLinear`` head (a plain callable, not a module)."""
-
-    def __init__(self, packed: torch.Tensor, weight: torch.Tensor):
-        self.packed, self.weight = packed, weight
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return _packed_linear(self.packed, self.weight, None, x)
-
-
 @contextlib.contextmanager
 def mkl_packed_linears(model: nn.Module, rows: int, enabled: bool = True):
     """For the duration, the model's fp32 CPU ``nn.Linear`` layers (and a torchtune ``TiedLinear``
@@ -83,8 +74,8 @@ def mkl_packed_linears(model: nn.Module, rows: int, enabled: bool = True):
     slow at such shapes, and worst below 16 rows, where finished rows have left the batch (SmolLM2's
     49152 x 576 head: 10.5 ms at 8 rows, 9.5 ms at 16, 2 threads); with the weights packed once
     per call into MKL's internal layout the same products take 5.9 and 6.6 ms
-    (benchmarks/bench_packed_linear.py, docs/benchmarks.md §2). The packed copies cost about the weights' size in extra memory for
-    the call and are freed after it. Results equal ``F.linear``'s to float32 rounding (a different
+    (benchmarks/bench_packed_linear.py, docs/benchmarks.md §2). The packed copies cost about the
+    weights' size in extra memory for the call and are freed after it. Results equal ``F.linear``'s to float32 rounding (a different
     summation order; tests/test_generation.py).
 
     Left unchanged: other devices and dtypes, autocast (the packed op would bypass its bf16 cast),
@@ -92,8 +83,6 @@ def mkl_packed_linears(model: nn.Module, rows: int, enabled: bool = True):
     ``nn.Linear`` (LoRA's keep their forward), torch builds without MKL, and ``enabled=False``.
     ``rows``: the batch rows of the decode steps, the row count MKL is asked to pack for.
     """
-    from torchtune.modules import TiedLinear
-
     if not enabled or not _mkl_packing_available() or torch.is_autocast_enabled("cpu"):
         yield
         return
@@ -108,7 +97,9 @@ def mkl_packed_linears(model: nn.Module, rows: int, enabled: bool = True):
                     swapped.append(m)
             if isinstance(head, TiedLinear) and _packable(head.tied_module.weight):
                 w = head.tied_module.weight.detach()
-                model.output = _PackedTiedHead(torch.ops.mkl._mkl_reorder_linear_weight(w, rows), w)
+                # torchtune's TiedLinear is a plain callable, not a module: a callable replaces it
+                packed = torch.ops.mkl._mkl_reorder_linear_weight(w, rows)
+                model.output = functools.partial(_packed_linear, packed, w, None)
         yield
     finally:
         for m in swapped:
