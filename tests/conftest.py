@@ -4,8 +4,17 @@ No ``from conftest import ...`` of this file: tests/recipes/conftest.py is the `
 its tests import by name.
 """
 
+import os
+
 import pytest
 import torch
+
+# Under pytest-xdist (``-n auto``, the README's command) each of the machine's cores runs a worker:
+# one intra-op thread per worker, and per process it starts (``tune run``, torchrun's ranks), so the
+# workers do not oversubscribe the cores. A plain ``pytest`` keeps torch's default.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 # The parity checks GPT-2 and OPT share (tests/models/decoder_parity.py): full assert messages.
 pytest.register_assert_rewrite("decoder_parity")

@@ -14,6 +14,7 @@ config), so the weights are copied into a fresh ``LlamaForCausalLM`` of the same
 """
 
 import argparse
+import fcntl
 import glob
 import os
 import shutil
@@ -76,12 +77,18 @@ def get_smollm2(out_dir: str) -> str:
         return out_dir
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=parent, prefix=".smollm2-") as work:
-        staged = os.path.join(work, "hf")
-        convert(download_gguf(work), staged)
-        if os.path.isdir(out_dir):
-            shutil.rmtree(out_dir)  # an earlier, unfinished conversion
-        os.rename(staged, out_dir)  # all at once: a half-written DIR is never "converted"
+    # one conversion at a time (parallel test workers, two shells): the later caller waits and
+    # reuses the first one's result instead of removing it while it is being read
+    with open(out_dir + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if is_converted(out_dir):
+            return out_dir
+        with tempfile.TemporaryDirectory(dir=parent, prefix=".smollm2-") as work:
+            staged = os.path.join(work, "hf")
+            convert(download_gguf(work), staged)
+            if os.path.isdir(out_dir):
+                shutil.rmtree(out_dir)  # an earlier, unfinished conversion
+            os.rename(staged, out_dir)  # all at once: a half-written DIR is never "converted"
     return out_dir
 
 

@@ -69,6 +69,13 @@ def hf_weights(output_dir):
     return load_file(os.path.join(output_dir, "hf_model", "model.safetensors"))
 
 
+# Per-step losses of two runs whose fp32 sums run in another order (1 vs 2 processes: the sharded
+# forward and the all-reduce; 1 vs 2 threads). Measured spread, 2026-12-08, distillm2 paper_full on
+# the tiny config: AMD EPYC 2 vCPUs, 1 vs 2 threads max rel 1.6e-6, 1 vs 2 processes 1.8e-6; on
+# another AMD EPYC machine 1 vs 2 processes 1.1e-5 (loss_skl, step 4). About 10x the largest:
+PROCESS_LOSS_REL = 1e-4
+
+
 def assert_same_losses(rows_a, rows_b, rel, keys=("loss",)):
     """Two runs logged the same per-step values (up to ``rel``)."""
     import pytest
@@ -96,7 +103,9 @@ def last_by_step(rows):
 # alike) when its folder leads PYTHONPATH: sends KILL_SIGNAL (SIGKILL if unset) to the process of
 # rank KILL_RANK (any rank if unset) at step KILL_STEP: right after that checkpoint is complete
 # (after_save), while it is half written (during_save: after the model/ shards, before optimizer/), or
-# as that training step begins (step; one micro-batch per step).
+# as that training step begins (step; one micro-batch per step). ``signal.raise_signal`` runs the
+# signal's Python handler before it returns, so a SIGINT/SIGTERM acts at exactly that point (an
+# ``os.kill`` of itself is handled at some later bytecode, which let a run finish first).
 KILLER = r'''
 import os
 if os.environ.get("KILL_STEP") and os.environ.get("RANK", "0") == os.environ.get("KILL_RANK", os.environ.get("RANK", "0")):
@@ -112,14 +121,14 @@ if os.environ.get("KILL_STEP") and os.environ.get("RANK", "0") == os.environ.get
         def save(self, step, *args, **kwargs):
             path = original(self, step, *args, **kwargs)
             if step == kill_step:
-                os.kill(os.getpid(), sig)
+                signal.raise_signal(sig)
             return path
         checkpointing.RecipeCheckpointer.save = save
     elif phase == "during_save":
         original_dcp_save = checkpointing.dcp_save
         def dcp_save(state_dict, folder):
             if torn in str(folder) and str(folder).endswith("optimizer"):
-                os.kill(os.getpid(), sig)
+                signal.raise_signal(sig)
             return original_dcp_save(state_dict, folder)
         checkpointing.dcp_save = dcp_save
     else:  # the recipe runs as __main__ (runpy): patch what it imports, before it does
@@ -128,7 +137,7 @@ if os.environ.get("KILL_STEP") and os.environ.get("RANK", "0") == os.environ.get
         def shared_uniform(*a, **k):  # drawn once per micro-batch
             calls.append(1)
             if len(calls) == kill_step:
-                os.kill(os.getpid(), sig)
+                signal.raise_signal(sig)
             return original_uniform(*a, **k)
         sgo.shared_uniform = shared_uniform
 '''

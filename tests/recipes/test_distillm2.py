@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import (
+    PROCESS_LOSS_REL,
     REPO,
     assert_same_losses,
     assert_same_weights,
@@ -170,7 +171,7 @@ def test_gradient_accumulation_gives_the_step_of_one_big_batch(tiny_assets, tmp_
     greedy = [*FULL, "sgo.temperature=0.0", "guards.degenerate_sgo=keep"]  # greedy tiny students loop
     _, one = run_recipe(tiny_assets, str(tmp_path / "one"), *greedy)
     _, two = run_recipe(tiny_assets, str(tmp_path / "two"), *greedy, "batch_size=2", "gradient_accumulation_steps=2")
-    assert_same_losses(two, one, rel=1e-5, keys=("loss", "loss_skl", "loss_srkl", "b", "alpha_t_mean", "alpha_s_mean"))
+    assert_same_losses(two, one, rel=PROCESS_LOSS_REL, keys=("loss", "loss_skl", "loss_srkl", "b", "alpha_t_mean", "alpha_s_mean"))
     assert_same_weights(tmp_path / "two", tmp_path / "one", rtol=1e-4, atol=1e-5)
 
 
@@ -219,7 +220,11 @@ def test_two_processes_give_the_run_of_one(tiny_assets, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     double = read_metrics(str(tmp_path / "two"))
     assert [r["step"] for r in double] == [r["step"] for r in single]
-    assert_same_losses(double, single, rel=1e-5, keys=("loss", "loss_skl", "loss_srkl", "b"))
+    # fp32 sums in another order (the sharded forward, the all-reduce, the thread count): measured
+    # spread of these per-step losses, 2026-12-08, AMD EPYC 2 vCPUs: 1 vs 2 threads in one process
+    # max rel 1.6e-6, 1 vs 2 processes 1.8e-6; another machine's 2 processes: 1.1e-5 (loss_skl,
+    # step 4). The bound is ~10x the largest.
+    assert_same_losses(double, single, rel=PROCESS_LOSS_REL, keys=("loss", "loss_skl", "loss_srkl", "b"))
     for a, b in zip(double, single):  # differences of nearly equal probabilities: absolute
         assert a["gap_teacher"] == pytest.approx(b["gap_teacher"], rel=0, abs=1e-8)
         assert a["gap_student"] == pytest.approx(b["gap_student"], rel=0, abs=1e-8)

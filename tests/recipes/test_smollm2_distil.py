@@ -30,8 +30,7 @@ def checkpoints(smollm2_dir, tmp_path_factory):
 # distillm mixes its own generations into the batches, so its per-step loss is noisier: it must fall,
 # kd's by a fifth at least.
 @pytest.mark.parametrize("method,extra,drop", [("kd", [], 0.8), ("distillm", ["sgo.scheduler.phi0=0.5"], 1.0)])
-def test_smollm2_distils_into_layer_dropped_student(checkpoints, tiny_assets, tmp_path, method, extra, drop, one_thread):
-    torch.set_num_threads(2)
+def test_smollm2_distils_into_layer_dropped_student(checkpoints, tiny_assets, tmp_path, method, extra, drop):
     recipe, rows = run_recipe(
         tiny_assets, str(tmp_path), f"method={method}", f"checkpoints_dir={checkpoints}",
         f"data_dir={os.path.join(tiny_assets, 'data')}", f"max_steps_per_epoch={STEPS}", "batch_size=8",

@@ -285,10 +285,11 @@ def _learned_position_model(seed=0):
 
 @pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")  # torchtune RMSNorm in bf16
 @pytest.mark.parametrize("family", ["llama_gqa", "llama_mha", "gpt2_like", "llama_gqa_bf16"])
-def test_prefix_attention_gives_bitwise_the_hidden_states_of_torchtunes_attention(family):
+def test_prefix_attention_gives_the_hidden_states_and_tokens_of_torchtunes_attention(family):
     """The generation-time attention (filled cache prefix, enable_gqa, one RoPE call for q and k,
-    the mask converted once per forward) reproduces torchtune's MultiHeadAttention.forward exactly:
-    every forward's final hidden state (so its logits) is bitwise equal, for left-padded prompts of
+    the mask converted once per forward) reproduces torchtune's MultiHeadAttention.forward: every
+    forward's final hidden state (so its logits) is equal within the dtype's rounding (the two call
+    different SDPA kernels, whose sums agree bitwise on some CPUs only) and the tokens are identical, for left-padded prompts of
     lengths 1..7, over more than one PREFIX_MULTIPLE of cache slots, with rows leaving the batch;
     greedy and sampled tokens are the same."""
     if family == "gpt2_like":
@@ -310,7 +311,7 @@ def test_prefix_attention_gives_bitwise_the_hidden_states_of_torchtunes_attentio
     assert max(len(p) for p in PROMPTS) + 30 > 2 * sampler.PREFIX_MULTIPLE  # the prefix grew past a multiple
     assert len(fast_logits) == len(stock_logits) > 1
     for a, b in zip(fast_logits, stock_logits):
-        assert torch.equal(a, b)
+        torch.testing.assert_close(a, b)  # the dtype's default rtol/atol (fp32: 1.3e-6/1e-5, bf16: 1.6e-2/1e-5)
     # sampled: the same draws and tokens through both attentions
     skw = dict(max_new_tokens=30, eos_ids=kw["eos_ids"], temperature=0.8, top_p=0.9)
     a, _ = _logits_of_every_forward(model, prompts, True, generator=torch.Generator().manual_seed(3), **skw)
