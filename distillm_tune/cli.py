@@ -9,7 +9,9 @@ and the configs shipped inside the package.
 ``run`` resolves a shipped config name (or takes a path) and hands over to ``tune run`` with the
 recipe's module path, so every torchrun option of ``tune run`` works. ``validate`` runs
 torchtune's ``tune validate`` and then the recipe's own checks (unknown keys with a did-you-mean,
-types and ranges, component arguments) without loading anything.
+types and ranges, component arguments and values, then the files: checkpoint folders, tokenizers,
+data, the output directory) without loading a model or writing anything: "valid" means the run
+would start; ``--config-only`` checks the config alone.
 """
 
 import argparse
@@ -70,13 +72,27 @@ def _cp(args: argparse.Namespace) -> None:
     print(f"Copied {source} to {dest}")
 
 
-def check_config(cfg, recipe: str):
-    """The recipe's own checks of a config (nothing is loaded); returns it with the defaults."""
+def _recipe_module(recipe: str):
     if recipe == "kd_offpolicy":
-        from distillm_tune.recipes.kd_offpolicy import check_config as check
+        from distillm_tune.recipes import kd_offpolicy as module
     else:
-        from distillm_tune.recipes.evaluate import check_config as check
-    return check(cfg)
+        from distillm_tune.recipes import evaluate as module
+    return module
+
+
+def check_config(cfg, recipe: str):
+    """The recipe's own checks of a config (nothing is read); returns it with the defaults."""
+    return _recipe_module(recipe).check_config(cfg)
+
+
+def preflight(cfg, recipe: str) -> None:
+    """Every check the recipe makes before it loads a model (checkpoint folders, tokenizers, data,
+    the output directory), reading and writing nothing else: passing means the run would start."""
+    module = _recipe_module(recipe)
+    if recipe == "kd_offpolicy":
+        module.KDOffPolicyRecipe(cfg).preflight(dry_run=True)
+    else:
+        module.EvaluateRecipe(cfg).preflight()
 
 
 def _validate(args: argparse.Namespace) -> None:
@@ -90,9 +106,12 @@ def _validate(args: argparse.Namespace) -> None:
     try:
         check_config(cfg, recipe)  # the recipe's schema: names the key and suggests the nearest
         tt_config.validate(cfg)  # what ``tune validate`` checks: every component's arguments bind
-    except (ConfigError, ValueError, TypeError) as e:
+        if not args.config_only:
+            preflight(cfg, recipe)
+    except (ConfigError, ValueError, TypeError, OSError, RuntimeError) as e:  # RuntimeError: no such device here
         raise SystemExit(f"error: {path}: {e}")
-    print(f"Config is well-formed for recipe {recipe}!")
+    print(f"Config is well-formed for recipe {recipe}!" if args.config_only else
+          f"Config is valid for recipe {recipe}: the run would start (its files checked, nothing loaded or written)")
 
 
 def _split_run_args(argv: Sequence[str]) -> List[str]:
@@ -124,10 +143,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cp.add_argument("dest")
     cp.set_defaults(func=_cp)
     sub.add_parser("run", help="[torchrun options] RECIPE --config NAME|PATH [key=value ...]: tune run")
-    val = sub.add_parser("validate", help="check a config (name or path) and overrides without loading anything")
+    val = sub.add_parser("validate", help="check a config (name or path), overrides and the files they name, loading no model")
     val.add_argument("config")
     val.add_argument("overrides", nargs="*", help="key=value, as on the tune run command line")
     val.add_argument("--recipe", choices=list(RECIPES), help="default: from the config's name")
+    val.add_argument("--config-only", action="store_true",
+                     help="check the config's keys and values only, not the files it names (before they exist)")
     val.set_defaults(func=_validate)
     args = parser.parse_args(argv)
     args.func(args)

@@ -43,8 +43,19 @@ def test_distillm_tune_validate_with_placeholders_filled(path, tmp_path, capsys)
     raw = OmegaConf.load(path)
     filled = [f"{k}={tmp_path / k}" for k in PATH_KEYS if k in raw]
     assert filled, "every shipped config has path placeholders"
-    assert cli.main(["validate", path, *filled]) == 0
+    assert cli.main(["validate", "--config-only", path, *filled]) == 0
     assert f"well-formed for recipe {cli.recipe_of_config(path)}" in capsys.readouterr().out
+    # without --config-only: the files too (a GPU config on this CPU machine stops at its device first)
+    with pytest.raises(SystemExit, match="does not exist|not available on this hardware"):
+        cli.main(["validate", path, *filled])
+
+
+@pytest.mark.parametrize("config", ["tiny_cpu", "evaluate_tiny"])
+def test_validate_checks_the_files_of_a_run_that_would_start(config, tiny_assets, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["validate", config, f"assets_dir={tiny_assets}", f"output_dir={out}"]) == 0
+    assert f"valid for recipe {cli.recipe_of_config(config)}: the run would start" in capsys.readouterr().out
+    assert not out.exists()  # nothing written
 
 
 def _write(tmp_path, name, text):

@@ -65,9 +65,11 @@ def test_wheel_runs_cli_recipe_and_demo_without_the_repository(wheel, tmp_path):
     assert "tiny_cpu" in listing and "evaluate_tiny" in listing
     _sh(["distillm-tune", "cp", "tiny_cpu", "my_tiny.yaml"], str(work), env)
     assert (work / "my_tiny.yaml").read_text() == open(os.path.join(REPO, "configs", "tiny_cpu.yaml")).read()
-    _sh(["distillm-tune", "validate", "my_tiny.yaml", "assets_dir=assets", "output_dir=out"], str(work), env)
+    _sh(["distillm-tune", "validate", "--config-only", "my_tiny.yaml", "assets_dir=assets", "output_dir=out"],
+        str(work), env)
 
     _sh([python, "-m", "distillm_tune.scripts.make_tiny_assets", "assets"], str(work), env)
+    _sh(["distillm-tune", "validate", "my_tiny.yaml", "assets_dir=assets", "output_dir=out"], str(work), env)
     _sh(["distillm-tune", "run", "kd_offpolicy", "--config", "tiny_cpu", "assets_dir=assets", "output_dir=out",
          "method=kd", "epochs=1", "max_steps_per_epoch=2", "validation.max_examples=8"], str(work), env)
     assert os.path.isfile(work / "out" / "hf_model" / "config.json")

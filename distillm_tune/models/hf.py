@@ -283,6 +283,7 @@ def load_hf(
     base_model = _build_on_meta(family, config, None, dtype, config_path)
     target_model = _build_on_meta(family, config, lora, dtype, config_path)
     hf_sd, sources = _read_with_sources(checkpoint_dir)
+    _check_finite(hf_sd, sources, checkpoint_dir)
     _check_hf_shapes(family, config, base_model, hf_sd, sources, config_path)
     tune_sd = {
         k: (v.to(dtype) if v.is_floating_point() else v)
@@ -291,6 +292,15 @@ def load_hf(
     del hf_sd
     _check_tune_keys(target_model, tune_sd, checkpoint_dir)
     return _materialise(target_model, family, config, lora, dtype, tune_sd)
+
+
+def _check_finite(hf_sd: Dict[str, torch.Tensor], sources: Dict[str, str], checkpoint_dir: str) -> None:
+    """A damaged checkpoint with NaN/inf weights would train on NaN losses, or generate and score
+    garbage without an error: refused, naming the first such tensor and its file."""
+    bad = [k for k, v in hf_sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{checkpoint_dir!r} holds non-finite weights in {len(bad)} tensors (first: {bad[0]} in "
+                         f"{os.path.basename(sources.get(bad[0], '?'))}); the checkpoint is damaged")
 
 
 def load_hf_tokenizer(checkpoint_dir: PathLike, max_seq_len: Optional[int] = None):

@@ -223,14 +223,23 @@ class EvaluateRecipe:
 
     # ------------------------------------------------------------------ setup
 
-    def setup(self) -> None:
+    def preflight(self) -> None:
+        """What can be checked without the model (also ``distillm-tune validate``): the tokenizer
+        and every dataset read, parsed and encoded (an empty, malformed or unusable file is
+        refused here, not after the model has loaded)."""
         self.device = utils.get_device(self.cfg.get("device", "cpu"))
         self.dtype = training.get_dtype(self.cfg.get("dtype", "fp32"), self.device)
-        self.model = load_hf(self.model_dir, dtype=self.dtype).to(self.device).eval()
         self.tokenizer = load_hf_tokenizer(self.tokenizer_dir)
+        self.tasks = [self._load_task(e, p) for e, p in zip(self.entries, self.parsers)]
+
+    def setup(self) -> None:
+        self.preflight()
+        try:  # refuses a checkpoint with NaN/inf weights, naming the tensor
+            self.model = load_hf(self.model_dir, dtype=self.dtype).to(self.device).eval()
+        except ValueError as e:
+            raise ValueError(f"model_dir: {e}") from None
         if not self.seq2seq:
             self._check_model_length()
-        self.tasks = [self._load_task(e, p) for e, p in zip(self.entries, self.parsers)]
         log.info("model %s (%s), %d datasets: %s", self.model_dir,
                  "encoder-decoder" if self.seq2seq else "decoder-only", len(self.tasks),
                  ", ".join(f"{t.name} ({len(t.prompts)})" for t in self.tasks))

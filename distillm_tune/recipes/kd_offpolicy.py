@@ -61,7 +61,7 @@ from distillm_tune.training import RecipeCheckpointer, all_reduce_sum, init_proc
 from distillm_tune.training.checkpointing import CheckpointWriteError, free_space
 from distillm_tune.training.distributed import exit_with_launcher, run_on_rank_zero, shard_layers
 from distillm_tune.training.model_io import LAYER_CLASSES, model_io_for, output_projection
-from distillm_tune.training.output_dir import claim_output_dir
+from distillm_tune.training.output_dir import OutputDirClaim, check_output_dir
 from distillm_tune.training.quantization import model_bytes, quantize_frozen
 from distillm_tune.training.resume import apply_optimizer_changes, config_changes
 from distillm_tune.training.settings import check_schema, read_schema
@@ -142,7 +142,70 @@ def check_config(cfg: DictConfig) -> DictConfig:
                                                           "probability gaps); set it to null")
     if cfg.loss and "_component_" in cfg.loss:  # a torchtune loss is adapted, or refused with the reason
         adapt_loss_config(OmegaConf.to_container(cfg.loss, resolve=True))
+    _check_components(cfg)
     return cfg
+
+
+def loss_config(cfg: DictConfig) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
+    """The divergence's component config: the method's default with ``loss.*`` over it, torchtune's
+    KD losses adapted to ours (and the note saying so); None for a method without a teacher."""
+    preset = METHOD_LOSSES[cfg.method]
+    if preset is None:
+        return None, None
+    loss_cfg = OmegaConf.to_container(cfg.loss or OmegaConf.create({}), resolve=True)
+    if "_component_" not in loss_cfg:
+        loss_cfg = {"_component_": preset[0], **preset[1], **loss_cfg}
+    return adapt_loss_config(loss_cfg)
+
+
+def build_divergence(cfg: DictConfig, loss_cfg: Dict[str, Any], alpha_min: Optional[float] = None):
+    """The divergence of ``loss_cfg``, checked against the method: refusals name the key."""
+    try:
+        loss_fn = config.instantiate(OmegaConf.create(loss_cfg))
+    except (ValueError, TypeError) as e:
+        raise _setting_error("loss", f"{loss_cfg}: {e}") from e
+    if cfg.method == "distillm2":
+        if not isinstance(loss_fn, DistiLLM2Loss):
+            raise _setting_error("loss._component_", f"method=distillm2 trains with distillm_tune.losses.DistiLLM2Loss "
+                                                     f"(SKL on teacher, SRKL on student responses), got {loss_cfg['_component_']}")
+        if alpha_min is not None and alpha_min > loss_fn.alpha:
+            raise _setting_error("distillm2.alpha_min", f"must not exceed alpha0 = loss.alpha = {loss_fn.alpha}, "
+                                                        f"got {alpha_min}")
+    elif not isinstance(loss_fn, Divergence):
+        raise _setting_error("loss._component_", f"{loss_cfg['_component_']} built a {type(loss_fn).__name__}, "
+                             "not a distillm_tune.losses.Divergence")
+    return loss_fn
+
+
+# torch.optim's messages for a bad value -> the argument (e.g. "Invalid learning rate: -1")
+_OPTIMIZER_MESSAGES = {"learning rate": "lr", "epsilon": "eps", "beta": "betas", "weight_decay": "weight_decay",
+                       "momentum": "momentum"}
+
+
+def _check_components(cfg: DictConfig) -> None:
+    """The values the components themselves refuse, found by building them on nothing: the
+    divergence, the optimizer over one dummy parameter and its learning-rate schedule (so the
+    recipe and ``distillm-tune validate`` refuse them before any model loads, naming the key)."""
+    loss_cfg, _ = loss_config(cfg)
+    if loss_cfg is not None:
+        d2 = cfg.distillm2 or OmegaConf.structured(DistiLLM2Config())
+        build_divergence(cfg, loss_cfg, float(d2.alpha_min) if cfg.method == "distillm2" else None)
+    # ValueError is a refused value; anything else (an optimizer that needs a GPU parameter, say)
+    # is left to the real build
+    try:
+        optimizer = config.instantiate(cfg.optimizer, [nn.Parameter(torch.zeros(1))])
+    except ValueError as e:
+        key = next((k for text, k in _OPTIMIZER_MESSAGES.items() if text in str(e).lower()), None)
+        raise _setting_error(f"optimizer.{key}" if key else "optimizer", str(e)) from None
+    except Exception:  # noqa: BLE001
+        return
+    try:
+        # the run's step count is known only once the data is read: any count the schedule takes
+        config.instantiate(cfg.lr_scheduler, optimizer, num_training_steps=2**31)
+    except ValueError as e:
+        raise _setting_error("lr_scheduler", str(e)) from None
+    except Exception:  # noqa: BLE001
+        pass
 
 
 class KDOffPolicyRecipe:
@@ -204,24 +267,46 @@ class KDOffPolicyRecipe:
     # ------------------------------------------------------------------------------------- setup
 
     def setup(self) -> None:
+        """Load and check everything; a failure leaves ``output_dir`` as it was (OutputDirClaim)."""
+        self.output_claim: Optional[OutputDirClaim] = None
+        try:
+            self._setup()
+        except BaseException:
+            self._abandon_output_dir()
+            raise
+
+    def preflight(self, dry_run: bool = False) -> None:
+        """Every check that loads no model, in the order a run makes them: the checkpoint folders,
+        ``output_dir`` (an earlier run there, a checkpoint to resume), the divergence, the
+        tokenizers, the data. With ``dry_run`` (``distillm-tune validate``) nothing is written:
+        ``output_dir`` is inspected, not claimed, and a corrupt checkpoint is not set aside."""
         cfg = self.cfg
-        # Everything that can be checked without loading weights is checked first.
-        student_dir = self._existing_dir("student.checkpoint_dir", cfg.student.checkpoint_dir)
-        teacher_dir = self._existing_dir("teacher.checkpoint_dir", cfg.teacher.checkpoint_dir) if self.uses_teacher else None
-        self.student_dir = student_dir
+        self.student_dir = self._existing_dir("student.checkpoint_dir", cfg.student.checkpoint_dir)
+        self.teacher_dir = (self._existing_dir("teacher.checkpoint_dir", cfg.teacher.checkpoint_dir)
+                            if self.uses_teacher else None)
         self.resuming = bool(cfg.resume_from_checkpoint)
         self.checkpointer = RecipeCheckpointer(self.output_dir, keep_last=int(cfg.keep_last_checkpoints),
                                                device=self.device)
-        self._output_lock = None
-        run_on_rank_zero(self._claim_output_dir)
-        resume_path = self._find_resume_checkpoint() if self.resuming else None
-        self.loss_fn = self._build_loss(student_dir, teacher_dir)
-        self.tokenizer = self._checked("student.checkpoint_dir", load_hf_tokenizer, student_dir)
-        student_config = read_hf_config(student_dir)
+        if dry_run:
+            self._checked("output_dir", check_output_dir, str(self.output_dir), self.resuming, bool(cfg.overwrite))
+        else:
+            run_on_rank_zero(self._claim_output_dir)
+        self.resume_path = self._find_resume_checkpoint(set_aside_corrupt=not dry_run) if self.resuming else None
+        self.resume_settings = self._read_resume_settings(self.resume_path) if self.resume_path else None
+        self.loss_fn = self._build_loss(self.student_dir, self.teacher_dir)
+        self.tokenizer = self._checked("student.checkpoint_dir", load_hf_tokenizer, self.student_dir)
+        student_config = read_hf_config(self.student_dir)
         self.io = model_io_for(family_for(student_config["model_type"]), self.tokenizer, student_config)
-        if teacher_dir is not None:
-            self._check_same_tokenizer(student_dir, teacher_dir)
+        if self.teacher_dir is not None:
+            self._check_same_tokenizer(self.student_dir, self.teacher_dir)
         self.train_data, self.valid_data = self._build_data()
+
+    def _setup(self) -> None:
+        cfg = self.cfg
+        self.preflight()
+        student_dir, teacher_dir, resume_path = self.student_dir, self.teacher_dir, self.resume_path
+        # every check that needs no model passed: an earlier run (overwrite=true) makes way now
+        run_on_rank_zero(lambda: self.output_claim.set_aside())
         if self.d2 is not None:  # before the step count: only prompts with a teacher response train
             self.train_data = self._build_pairs(teacher_dir)
         self.lm_data, self.lm_coef, self.lm_batch_size = self._build_lm_data()
@@ -238,7 +323,7 @@ class KDOffPolicyRecipe:
             )
         self.steps_per_epoch = steps
         self.total_steps = steps * int(cfg.epochs)
-        resume_state = self._read_resume_state(resume_path) if resume_path else None
+        resume_state = self._read_resume_state(self.resume_settings, resume_path) if resume_path else None
 
         lora = cfg.student.lora
         self.lora = None if lora is None else LoRASettings(
@@ -275,6 +360,9 @@ class KDOffPolicyRecipe:
         self.buffer_gen = torch.Generator().manual_seed(self.seed + 2000 + self.rank)
 
         self.metric_logger = config.instantiate(cfg.metric_logger) if self.is_rank_zero else None
+        if resume_state is not None and hasattr(self.metric_logger, "resume_at"):
+            # the steps after the checkpoint run again: a logger that can drops their earlier rows
+            self.metric_logger.resume_at(resume_state["recipe_state"]["global_step"])
         # torchtune's profiler: a no-op unless profiler.enabled; traces go to profiler.output_dir
         self.profiler, _ = config.instantiate(cfg.profiler)
         if self.metric_logger is not None:
@@ -303,9 +391,14 @@ class KDOffPolicyRecipe:
         """Rank 0: lock ``output_dir`` and refuse an earlier run's outputs unless resuming or
         overwriting (training/output_dir.py)."""
         try:
-            self._output_lock = claim_output_dir(str(self.output_dir), self.resuming, bool(self.cfg.overwrite))
+            self.output_claim = OutputDirClaim(str(self.output_dir), self.resuming, bool(self.cfg.overwrite))
         except (ValueError, OSError) as e:
             raise _setting_error("output_dir", str(e)) from None
+
+    def _abandon_output_dir(self) -> None:
+        """Rank 0, a run that failed before its first step: ``output_dir`` back as it was."""
+        if self.output_claim is not None:
+            self.output_claim.abandon()
 
     def _existing_dir(self, setting: str, path: Optional[str]) -> str:
         """A checkpoint directory whose config.json is readable and names a known family."""
@@ -356,14 +449,10 @@ class KDOffPolicyRecipe:
         return FusedLinearDivergence(self.loss_fn, chunk_size=int(chunk))
 
     def _build_loss(self, student_dir: str, teacher_dir: Optional[str]) -> Optional[Divergence]:
-        loss_cfg = OmegaConf.to_container(self.cfg.loss or OmegaConf.create({}))
-        preset = METHOD_LOSSES[self.method]
-        if preset is None:
-            return None
-        if "_component_" not in loss_cfg:
-            loss_cfg = {"_component_": preset[0], **preset[1], **loss_cfg}
         # torchtune's KD losses become our divergence with the same math (refusals: check_config)
-        loss_cfg, adapted = adapt_loss_config(loss_cfg)
+        loss_cfg, adapted = loss_config(self.cfg)
+        if loss_cfg is None:
+            return None
         if adapted:
             log.info(adapted)
         # Embedding tables may be padded beyond the tokenizer (OPT 50272 vs 50265): compare the
@@ -392,21 +481,7 @@ class KDOffPolicyRecipe:
             )
         if s_cfg["vocab_size"] != real[0] or t_cfg["vocab_size"] != real[0]:
             loss_cfg.setdefault("vocab_size", real[0])
-        try:
-            loss_fn = config.instantiate(OmegaConf.create(loss_cfg))
-        except (ValueError, TypeError) as e:
-            raise _setting_error("loss", f"{loss_cfg}: {e}") from e
-        if self.method == "distillm2":
-            if not isinstance(loss_fn, DistiLLM2Loss):
-                raise _setting_error("loss._component_", f"method=distillm2 trains with distillm_tune.losses.DistiLLM2Loss "
-                                                         f"(SKL on teacher, SRKL on student responses), got {loss_cfg['_component_']}")
-            if self.d2["alpha_min"] > loss_fn.alpha:
-                raise _setting_error("distillm2.alpha_min", f"must not exceed alpha0 = loss.alpha = {loss_fn.alpha}, "
-                                                            f"got {self.d2['alpha_min']}")
-        elif not isinstance(loss_fn, Divergence):
-            raise _setting_error("loss._component_", f"{loss_cfg['_component_']} built a {type(loss_fn).__name__}, "
-                                 "not a distillm_tune.losses.Divergence")
-        return loss_fn
+        return build_divergence(self.cfg, loss_cfg, self.d2["alpha_min"] if self.d2 is not None else None)
 
     def _check_same_tokenizer(self, student_dir: str, teacher_dir: str) -> None:
         """Distillation compares the models id by id: the teacher's tokenizer must give every id
@@ -554,12 +629,7 @@ class KDOffPolicyRecipe:
 
     def _load_model(self, setting: str, checkpoint_dir: str, lora: Optional[LoRASettings], trainable: bool,
                     dtype: torch.dtype) -> nn.Module:
-        model = self._checked(setting, load_hf, checkpoint_dir, dtype=dtype, lora=lora)
-        # A damaged checkpoint with NaN/inf weights would train "successfully" on NaN losses.
-        bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
-        if bad:
-            raise _setting_error(setting, f"{checkpoint_dir!r} holds non-finite weights in {len(bad)} tensors "
-                                          f"(first: {bad[0]}); the checkpoint is damaged")
+        model = self._checked(setting, load_hf, checkpoint_dir, dtype=dtype, lora=lora)  # refuses NaN/inf weights
         if trainable and lora is not None:
             set_trainable_params(model, get_adapter_params(model))
         elif not trainable:
@@ -1025,6 +1095,13 @@ class KDOffPolicyRecipe:
             log.warning(f"{message}; the step was skipped ({self._nonfinite_run} in a row, the run stops at {limit})")
 
     def train(self) -> None:
+        try:
+            self._train()
+        except BaseException:
+            self._abandon_output_dir()  # no-op once the first step was taken
+            raise
+
+    def _train(self) -> None:
         cfg = self.cfg
         val_every = cfg.validation.every_n_steps
         save_every = cfg.save_every_n_steps
@@ -1043,6 +1120,8 @@ class KDOffPolicyRecipe:
                     metrics["student_sampling_time"], sampling_time = sampling_time, 0.0
                 self.global_step += 1
                 self.step_in_epoch += 1
+                if self.output_claim is not None:  # the new run stands: an earlier one it replaces goes
+                    self.output_claim.commit()
                 end_of_epoch = self.step_in_epoch == self.steps_per_epoch
                 if end_of_epoch:
                     self.epoch += 1
@@ -1240,7 +1319,7 @@ class KDOffPolicyRecipe:
             raise _setting_error("resume_from_checkpoint", f"the checkpoint holds {len(self.student_responses)} student "
                                                            f"responses but the run pairs {len(self.train_data)} prompts")
 
-    def _find_resume_checkpoint(self) -> str:
+    def _find_resume_checkpoint(self, set_aside_corrupt: bool = True) -> str:
         """Rank 0 picks the newest intact checkpoint of the run (verified against its manifest);
         a corrupt newer one is set aside with a warning naming both. Every rank gets the path."""
         def find() -> str:
@@ -1257,7 +1336,7 @@ class KDOffPolicyRecipe:
                      f"no checkpoint found under {ckpt.root!r} to resume from")
                     + "; start afresh with overwrite=true or in another output_dir",
                 )
-            for bad, reason in skipped:
+            for bad, reason in skipped if set_aside_corrupt else ():
                 aside = ckpt.set_aside(bad)
                 log.warning(f"checkpoint {bad} is corrupt ({reason}); resuming from {path} instead "
                             f"(the corrupt one is kept as {aside})")
@@ -1265,14 +1344,18 @@ class KDOffPolicyRecipe:
 
         return run_on_rank_zero(find)
 
-    def _read_resume_state(self, path: str) -> Dict[str, Any]:
-        """The checkpoint's state, once its settings were compared with this run's (before any
-        model is loaded): refused changes stop here, the others are logged and applied later."""
+    def _read_resume_settings(self, path: str) -> Dict[str, Any]:
+        """The checkpoint's state, once its settings were compared with this run's (preflight):
+        refused changes stop here, the others are logged and applied later."""
         state = self._checked("resume_from_checkpoint", self.checkpointer.load, path, self.world_size)
-        rs = state["recipe_state"]
         # another number of processes only with the same global micro-batch (batch_size x ranks)
-        self._resume_changes = config_changes(rs["config"], OmegaConf.to_container(self.cfg, resolve=True), path,
-                                              state["world_size"], self.world_size)
+        self._resume_changes = config_changes(state["recipe_state"]["config"], OmegaConf.to_container(self.cfg, resolve=True),
+                                              path, state["world_size"], self.world_size)
+        return state
+
+    def _read_resume_state(self, state: Dict[str, Any], path: str) -> Dict[str, Any]:
+        """The checkpoint's state, once its step counts were compared with this run's data."""
+        rs = state["recipe_state"]
         if rs.get("steps_per_epoch", self.steps_per_epoch) != self.steps_per_epoch:
             raise _setting_error(
                 "dataset.source",
@@ -1358,6 +1441,7 @@ class KDOffPolicyRecipe:
             return
         out = os.path.join(self.output_dir, name)
         rank_alpha = None if self.lora is None else (self.lora.lora_rank, self.lora.lora_alpha)
+        earlier = {p for p in (out, os.path.join(self.output_dir, adapter_name)) if os.path.isdir(p)}
         try:  # both writers build the folder aside and swap it in: a failure leaves the old one
             save_hf_state_dict(full, out, self.student_dir, lora_rank_alpha=rank_alpha)
             if self.lora is not None:
@@ -1367,15 +1451,16 @@ class KDOffPolicyRecipe:
         except Exception as e:  # noqa: BLE001 - safetensors, torch and the OS each report a full disk their own way
             raise CheckpointWriteError(
                 f"could not export the student to {out!r}: {type(e).__name__}: {e}; {free_space(out)} on that file "
-                f"system. An earlier export there is intact; the training state is in {self.checkpointer.latest()!r}"
+                f"system. {'An earlier export there is intact' if out in earlier else 'Nothing was exported there'}; "
+                f"the training state is in {self.checkpointer.latest()!r}"
             ) from e
         log.info(f"exported the student in Hugging Face format to {os.path.join(self.output_dir, name)}")
 
     def cleanup(self) -> None:
         if self.metric_logger is not None:
             self.metric_logger.close()
-        if self._output_lock is not None:
-            self._output_lock.close()
+        if self.output_claim is not None:
+            self.output_claim.release()
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -58,7 +58,14 @@ def generate_seqkd(model_dir: str, data: str, out: str, batch_size: int = 16,
     if not os.path.isfile(data):
         raise FileNotFoundError(f"--data {data!r} does not exist")
     if not 1 <= max_prompt_len < max_seq_len:
-        raise ValueError(f"need 1 <= max_prompt_len < max_seq_len, got {max_prompt_len}, {max_seq_len}")
+        raise ValueError(f"need 1 <= --max-prompt-len < --max-seq-len, got --max-prompt-len {max_prompt_len}, "
+                         f"--max-seq-len {max_seq_len}")
+    if not temperature >= 0:
+        raise ValueError(f"--temperature must be >= 0 (0: greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"--top-p must lie in (0, 1], got {top_p}")
+    if os.path.isdir(out):
+        raise ValueError(f"--out {out!r} is a folder; expected the path of the .jsonl file to write")
     if split not in SPLITS:
         raise ValueError(f"--split must be one of {SPLITS}, got {split!r}")
     if batch_size < 1:
@@ -71,7 +78,10 @@ def generate_seqkd(model_dir: str, data: str, out: str, batch_size: int = 16,
         examples = dict(zip(("train", "valid", "test"),
                             split_rows(examples, valid_size, test_size, split_seed)))[split]
     torch_device = utils.get_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = load_hf(model_dir, dtype=training.get_dtype(dtype, torch_device)).to(torch_device).eval()
+    try:  # refuses a teacher with NaN/inf weights, naming the tensor
+        model = load_hf(model_dir, dtype=training.get_dtype(dtype, torch_device)).to(torch_device).eval()
+    except ValueError as e:
+        raise ValueError(f"--model-dir: {e}") from None
     tokenizer = load_hf_tokenizer(model_dir)
     limit = getattr(model, "max_seq_len", None)
     if limit is not None and max_seq_len > limit:

@@ -30,6 +30,34 @@ class JsonlMetricLogger(MetricLoggerInterface):
             os.makedirs(log_dir, exist_ok=True)
             self._file = open(self.path, "a", encoding="utf-8")
 
+    def resume_at(self, step: int) -> None:
+        """A run resumed from its step-``step`` checkpoint logs the later steps again: their
+        earlier rows go, so the file holds one row per step however often the run was resumed
+        (rewritten atomically)."""
+        if self._file is None:
+            return
+        self._file.close()
+        self._file = None
+        self._keep_steps_up_to(step)
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def _keep_steps_up_to(self, step: int) -> None:
+        with open(self.path, encoding="utf-8") as f:
+            lines = [line for line in f if line.strip()]
+        kept = []
+        for line in lines:
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except json.JSONDecodeError:  # a row torn by a kill mid-write
+                continue
+        if len(kept) == len(lines):
+            return
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(line if line.endswith("\n") else line + "\n" for line in kept)
+        os.replace(tmp, self.path)
+
     def log(self, name: str, data: Scalar, step: int) -> None:
         self.log_dict({name: data}, step)
 

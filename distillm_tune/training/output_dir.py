@@ -3,7 +3,8 @@
 A second run into a directory that holds an earlier run would mix two runs' checkpoints,
 metrics and exports (and pruning or a later resume could pick the other run's state). So a new
 run is refused there unless the user says which they mean: ``resume_from_checkpoint=true``
-continues the earlier run, ``overwrite=true`` removes its outputs and starts afresh.
+continues the earlier run, ``overwrite=true`` replaces it with a fresh run, deleting the earlier
+outputs only once the new run has passed its checks and taken its first step.
 """
 
 import fcntl
@@ -20,6 +21,7 @@ RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "hf_model", "hf_model_best", "hf_
                "peft_adapter_best", "peft_adapter_diverged", "profiling_outputs",
                "distillm2_teacher_responses.jsonl")
 LOCK_FILE = ".lock"
+PREVIOUS_RUN = ".previous_run"  # an earlier run set aside by overwrite=true until the new run's first step
 
 
 def earlier_run_outputs(output_dir: str) -> List[str]:
@@ -55,22 +57,102 @@ def lock_output_dir(output_dir: str) -> IO:
     return f
 
 
-def claim_output_dir(output_dir: str, resume: bool, overwrite: bool) -> IO:
-    """Lock ``output_dir`` for this run; refuse an earlier run's directory unless resuming or
-    overwriting (then its outputs are removed first). Returns the lock's file."""
+def check_output_dir(output_dir: str, resume: bool, overwrite: bool) -> List[str]:
+    """Whether a run may write into ``output_dir`` (reads only): the outputs of an earlier run a
+    new run would replace (overwrite=true); raises ValueError for an earlier run without resume
+    or overwrite, a file in its place, and an earlier run left set aside."""
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise ValueError(f"{output_dir!r} exists and is not a directory")
-    lock = lock_output_dir(output_dir)
-    found = earlier_run_outputs(output_dir)
-    if found and not resume:
-        if not overwrite:
-            lock.close()
-            raise ValueError(
-                f"{output_dir!r} holds an earlier run ({', '.join(found)}): pass resume_from_checkpoint=true "
-                "to continue it, overwrite=true to replace it, or choose another output_dir"
-            )
-        for name in found:
-            path = os.path.join(output_dir, name.rstrip("/"))
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-        log.warning(f"overwrite=true: removed the earlier run's {', '.join(found)} from {output_dir}")
-    return lock
+    if os.path.exists(os.path.join(output_dir, PREVIOUS_RUN)):
+        raise ValueError(f"{output_dir!r} holds {PREVIOUS_RUN}/, an earlier run set aside by an overwrite=true run "
+                         f"that was killed before its first step: move its contents back into {output_dir!r} (or "
+                         "delete it) first")
+    found = [] if resume or not os.path.isdir(output_dir) else earlier_run_outputs(output_dir)
+    if found and not overwrite:
+        raise ValueError(
+            f"{output_dir!r} holds an earlier run ({', '.join(found)}): pass resume_from_checkpoint=true "
+            "to continue it, overwrite=true to replace it, or choose another output_dir"
+        )
+    return found
+
+
+class OutputDirClaim:
+    """This run's hold on ``output_dir`` (rank 0): the lock, and what happens to an earlier run.
+
+    A new run into a directory holding an earlier run is refused unless resuming or overwriting.
+    With ``overwrite=true`` nothing of the earlier run is touched while the new run is checked:
+    ``set_aside()`` (called once every check that needs no model has passed) moves its outputs
+    into ``PREVIOUS_RUN`` inside the directory, ``commit()`` (after the new run's first optimizer
+    step) deletes them, and ``abandon()`` (the run failed before that) puts them back byte for byte.
+    A run that fails before its first step also removes what it wrote, and the directory itself
+    when it created it, so a run that never started leaves nothing behind.
+    """
+
+    def __init__(self, output_dir: str, resume: bool, overwrite: bool):
+        check_output_dir(output_dir, resume, overwrite)
+        self.output_dir = output_dir
+        self.created = not os.path.exists(output_dir)
+        self.lock = lock_output_dir(output_dir)
+        self.set_aside_names: List[str] = []
+        self.committed = False
+        try:  # again under the lock: another run may have written there meanwhile
+            found = check_output_dir(output_dir, resume, overwrite)
+        except ValueError:
+            self.release()
+            self._remove_if_created()
+            raise
+        # the earlier run's logged config goes with it
+        self.earlier = [n.rstrip("/") for n in found] + (["config.yaml"] if found and os.path.isfile(
+            os.path.join(output_dir, "config.yaml")) else [])
+
+    def set_aside(self) -> None:
+        """Move the earlier run (overwrite=true) out of the new run's way, into ``PREVIOUS_RUN``."""
+        if not self.earlier:
+            return
+        aside = os.path.join(self.output_dir, PREVIOUS_RUN)
+        os.makedirs(aside)
+        for name in self.earlier:
+            os.rename(os.path.join(self.output_dir, name), os.path.join(aside, name))
+            self.set_aside_names.append(name)
+        log.warning(f"overwrite=true: the earlier run's {', '.join(self.earlier)} moved to {aside}; deleted once the "
+                    "new run has taken its first step, put back if it fails before")
+
+    def commit(self) -> None:
+        """The new run has taken its first step: the earlier run it replaces is deleted."""
+        if self.committed:
+            return
+        self.committed = True
+        if self.set_aside_names:
+            shutil.rmtree(os.path.join(self.output_dir, PREVIOUS_RUN))
+            log.warning(f"overwrite=true: removed the earlier run's {', '.join(self.set_aside_names)} from "
+                        f"{self.output_dir}")
+
+    def abandon(self) -> None:
+        """The run failed before its first step: remove what it wrote, put the earlier run back,
+        and remove the directory if this run created it."""
+        if self.committed:
+            return
+        for name in (*RUN_OUTPUTS, "config.yaml"):  # only the new run's: the earlier one is set aside
+            path = os.path.join(self.output_dir, name)
+            if (self.set_aside_names or self.created) and os.path.lexists(path):
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        aside = os.path.join(self.output_dir, PREVIOUS_RUN)
+        for name in self.set_aside_names:
+            os.rename(os.path.join(aside, name), os.path.join(self.output_dir, name))
+        if self.set_aside_names:
+            os.rmdir(aside)
+            log.warning(f"the run failed before its first step: the earlier run's {', '.join(self.set_aside_names)} "
+                        f"is back in {self.output_dir}")
+        self.set_aside_names = []
+        self.release()
+        self._remove_if_created()
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
+
+    def _remove_if_created(self) -> None:
+        """A directory this run created and left holding nothing but its lock file is removed."""
+        if self.created and os.path.isdir(self.output_dir) and set(os.listdir(self.output_dir)) <= {LOCK_FILE}:
+            shutil.rmtree(self.output_dir)

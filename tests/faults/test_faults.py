@@ -415,6 +415,9 @@ PROBES = [
     P("temperature_negative", "`sgo.temperature=-1`", r"config sgo.temperature: expected a number >= 0", ("sgo.temperature=-1",)),
     P("buffer_capacity_zero", "`sgo.replay_buffer.capacity=0`", r"config sgo.replay_buffer.capacity: expected an integer >= 1", ("sgo.replay_buffer.capacity=0",)),
     P("phi0_above_one", "`sgo.scheduler.phi0=1.5`", r"config sgo.scheduler.phi0: expected a number in \[0, 1\]", ("sgo.scheduler.phi0=1.5",)),
+    P("lr_negative", "`optimizer.lr=-1`", r"config optimizer.lr: Invalid learning rate: -1", ("optimizer.lr=-1",)),
+    P("alpha_negative", "`loss.alpha=-0.1` (SRKL)", r"config loss: .*alpha must lie in \[0, 1\)",
+      ("method=distillm", "loss.alpha=-0.1")),
     P("kd_ratio_above_one", "`kd_ratio=1.5`", r"config kd_ratio: expected a number in \[0, 1\]", ("kd_ratio=1.5",)),
     P("alpha_out_of_range", "`loss.alpha=1.5` (SRKL)", r"config loss: .*alpha must lie in \[0, 1\)",
       ("method=distillm", "loss.alpha=1.5")),
@@ -501,6 +504,24 @@ PROBES = [
       r"config output_dir: .* holds an earlier run \(checkpoints/, metrics.jsonl, hf_model/\)", earlier_run=True),
     P("output_dir_locked", "a second run while one is running in the same output_dir",
       r"config output_dir: '.*' is in use by another run \(pid \d+", prepare=_hold_lock),
+    P("output_dir_overwrite_bad_row", "`overwrite=true` over an earlier run, a training row that is not JSON",
+      r"config dataset: .*train.jsonl:3: not valid JSON", ("overwrite=true",),
+      prepare=_data("train", lambda lines: lines[:2] + [b"{not json\n"] + lines[3:]), earlier_run=True),
+    P("output_dir_overwrite_empty_train", "`overwrite=true` over an earlier run, an empty training file",
+      r"config dataset.source: '.*' gives no usable example \(read 0 rows", ("overwrite=true",),
+      prepare=_data("train", lambda lines: []), earlier_run=True),
+    P("output_dir_overwrite_bad_alpha", "`overwrite=true` over an earlier run, `loss.alpha=-0.1` (SRKL)",
+      r"config loss: .*alpha must lie in \[0, 1\)", ("overwrite=true", "method=distillm", "loss.alpha=-0.1"),
+      earlier_run=True),
+    P("output_dir_overwrite_bad_lr", "`overwrite=true` over an earlier run, `optimizer.lr=-1`",
+      r"config optimizer.lr: Invalid learning rate: -1", ("overwrite=true", "optimizer.lr=-1"), earlier_run=True),
+    P("output_dir_overwrite_swapped_ids", "`overwrite=true` over an earlier run, a teacher tokenizer with two ids swapped",
+      r"config teacher.checkpoint_dir: the teacher's tokenizer .* differs .*token id \d+ is '[ae]' for the teacher",
+      ("overwrite=true",), prepare=_broken_checkpoint("teacher", _swap_token_ids), earlier_run=True),
+    P("output_dir_overwrite_nan_teacher", "`overwrite=true` over an earlier run, a teacher with a NaN weight (refused "
+      "while loading, after the earlier run was set aside: put back)",
+      r"config teacher.checkpoint_dir: '.*' holds non-finite weights in 1 tensors \(first: .*attn.* in model.safetensors\)",
+      ("overwrite=true",), prepare=_broken_checkpoint("teacher", _nan_weight), before_load=False, earlier_run=True),
     P("resume_nothing", "`resume_from_checkpoint=true` with no checkpoint",
       r"config resume_from_checkpoint: no checkpoint found under", ("resume_from_checkpoint=true",)),
     P("resume_changed_seed", "resume with another `seed`", r"config seed: is 2 but .*step_00000003' was written with 1",
@@ -650,6 +671,9 @@ def _assert_nothing_lost(probe, ctx, before, failed):
     checkpoint left behind verifies against its manifest."""
     after = _hashes(ctx.out) if os.path.isdir(ctx.out) else {}
     keep = [f for f in before if f not in ("metrics.jsonl", "config.yaml")]  # logs a resumed run writes again
+    if probe.outcome == "error" and probe.earlier_run:  # refused: every file as it was, the logs too
+        keep = list(before)
+        assert sorted(after) == sorted(before), f"files added or removed: {set(after) ^ set(before)}"
     if probe.outcome != "error":  # a run that trained on from the earlier one moves its `latest` pointer
         keep.remove("checkpoints/latest") if "checkpoints/latest" in keep else None
     if probe.outcome == "recovery" and probe.earlier_run:  # the resumed run goes on from the intact checkpoint
@@ -660,6 +684,38 @@ def _assert_nothing_lost(probe, ctx, before, failed):
         assert not os.path.isdir(os.path.join(ctx.out, "hf_model")), "a failed run exported a student"
     if os.path.isdir(os.path.join(ctx.out, "checkpoints")):
         _assert_checkpoints_intact(ctx.out)
+
+
+VALIDATE_EXEMPT = {"output_dir_locked": "a lock is held by a running process; validate takes none"}
+
+
+def _refused_before_load(p):
+    return p.outcome == "error" and p.before_load is True and p.process is None and p.patch is None
+
+
+@pytest.mark.parametrize("probe", [pytest.param(p, id=p.id) for p in PROBES
+                                   if _refused_before_load(p) and p.id not in VALIDATE_EXEMPT])
+def test_validate_refuses_what_the_recipe_refuses(probe, tiny_assets, earlier_run, tmp_path):
+    """`distillm-tune validate` and the recipe on each probe the recipe refuses before loading a
+    model: both refuse, with the same message (validate says "valid" exactly when the run would start)."""
+    from distillm_tune import cli
+
+    ctx = Ctx(assets=tiny_assets, tmp=str(tmp_path), out=str(tmp_path / "out"), earlier=earlier_run)
+    if probe.earlier_run:
+        shutil.copytree(earlier_run, ctx.out)
+    extra = probe.prepare(ctx) if probe.prepare else []
+    before = _hashes(ctx.out) if os.path.isdir(ctx.out) else None
+    args = [f"assets_dir={ctx.assets}", f"output_dir={ctx.out}", *h.FAST, "method=kd", *probe.args, *extra]
+    with pytest.raises(SystemExit) as refused:
+        cli.main(["validate", h.TINY_CONFIG, *args])
+    validate_message = str(refused.value)
+    assert (_hashes(ctx.out) if os.path.isdir(ctx.out) else None) == before  # validate wrote nothing
+    with pytest.raises(Exception) as recipe_refused:
+        h.run_recipe(ctx.assets, ctx.out, "method=kd", *probe.args, *extra)
+    recipe_message = str(recipe_refused.value)
+    assert re.search(probe.expect, f"{recipe_refused.type.__name__}: {recipe_message}", re.S), recipe_message
+    assert re.search(probe.expect, validate_message, re.S), validate_message
+    assert recipe_message in validate_message  # the same error: "error: CONFIG: <the recipe's message>"
 
 
 def _assert_checkpoints_intact(out):

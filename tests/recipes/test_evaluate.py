@@ -145,6 +145,45 @@ def test_missing_paths_name_the_config_key(small_assets, tmp_path):
         EvaluateRecipe(OmegaConf.merge(base, {"max_seq_len": 512})).setup()
 
 
+def _with_nonfinite_weight(src, dst, value):
+    """A copy of checkpoint ``src`` in ``dst`` with one attention weight set to ``value``; its name."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    sd = load_file(os.path.join(dst, "model.safetensors"))
+    name = next(k for k in sd if "attn" in k and sd[k].is_floating_point())
+    sd[name].view(-1)[3] = value
+    save_file(sd, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    return name
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nonfinite_weights_are_refused_naming_the_tensor(small_assets, tmp_path, value):
+    """A damaged checkpoint would otherwise be scored (ROUGE-L 0.00 from garbage, exit 0)."""
+    from distillm_tune.recipes.evaluate import EvaluateRecipe
+
+    name = _with_nonfinite_weight(os.path.join(small_assets, "student"), tmp_path / "student", value)
+    cfg = OmegaConf.merge(OmegaConf.load(CONFIG), {"assets_dir": small_assets, "output_dir": str(tmp_path / "out"),
+                                                   "model_dir": str(tmp_path / "student")})
+    recipe = EvaluateRecipe(cfg)
+    with pytest.raises(ValueError, match=rf"model_dir: .* holds non-finite weights in 1 tensors \(first: {name} in "
+                                         r"model.safetensors\)"):
+        recipe.setup()
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_a_bad_eval_file_is_refused_before_the_model_loads(small_assets, tmp_path, monkeypatch):
+    import distillm_tune.recipes.evaluate as evaluate
+
+    monkeypatch.setattr(evaluate, "load_hf", lambda *a, **k: pytest.fail("the model was loaded"))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    cfg = OmegaConf.merge(OmegaConf.load(CONFIG), {"assets_dir": small_assets, "output_dir": str(tmp_path / "out"),
+                                                   "datasets": [{"name": "e", "path": str(empty), "kind": "instruction"}]})
+    with pytest.raises(ValueError, match=r"dataset 'e' .* has no examples"):
+        evaluate.EvaluateRecipe(cfg).setup()
+
+
 def _tiny_t5(path):
     """A random T5 v1.1 checkpoint with a SentencePiece tokenizer trained here."""
     spm = pytest.importorskip("sentencepiece")

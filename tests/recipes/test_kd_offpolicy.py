@@ -200,6 +200,9 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_run(tiny_assets, tmp_pat
         assert (ckpt / ".step_00000004.tmp").is_dir()  # the torn write is left aside, not used
 
     _, resumed = run_recipe(tiny_assets, str(out), *RESUME_ARGS, "resume_from_checkpoint=true")
+    # one row per step: the replayed steps' earlier rows were dropped (the step-0 row included once)
+    assert [r["step"] for r in read_metrics(str(out), with_start=True)] == \
+        [r["step"] for r in read_metrics(str(tmp_path / "full"), with_start=True)]
     last = last_by_step(resumed)
     assert sorted(last) == [1, 2, 3, 4, 5, 6]
     for r in full:

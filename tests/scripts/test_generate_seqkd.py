@@ -78,3 +78,38 @@ def test_counts_and_errors(small_assets, tmp_path):
         generate_seqkd(teacher, str(tmp_path / "nope.jsonl"), out)
     with pytest.raises(ValueError, match="positions"):  # the tiny teacher has 256 positions
         generate_seqkd(teacher, data, out, max_prompt_len=256, max_seq_len=512, device="cpu")
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(temperature=-1.0), r"--temperature must be >= 0"),
+    (dict(top_p=0.0), r"--top-p must lie in \(0, 1\]"),
+    (dict(max_prompt_len=64, max_seq_len=64), r"--max-prompt-len < --max-seq-len, got --max-prompt-len 64, --max-seq-len 64"),
+    (dict(out_is_folder=True), r"--out .* is a folder"),
+])
+def test_bad_flags_are_refused_before_the_teacher_loads(small_assets, tmp_path, monkeypatch, kwargs, message):
+    import distillm_tune.scripts.generate_seqkd as script
+
+    monkeypatch.setattr(script, "load_hf", lambda *a, **k: pytest.fail("the teacher was loaded"))
+    out = str(tmp_path) if kwargs.pop("out_is_folder", False) else str(tmp_path / "a.jsonl")
+    with pytest.raises(ValueError, match=message):
+        script.generate_seqkd(os.path.join(small_assets, "teacher"), os.path.join(small_assets, "data", "train.jsonl"),
+                              out, **kwargs)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_teacher_with_nonfinite_weights_is_refused_naming_the_tensor(small_assets, tmp_path, value):
+    """Would otherwise write rows of garbage text with exit code 0."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(os.path.join(small_assets, "teacher"), teacher)
+    sd = load_file(teacher / "model.safetensors")
+    name = next(k for k in sd if "mlp" in k and sd[k].is_floating_point())
+    sd[name].view(-1)[0] = value
+    save_file(sd, teacher / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "a.jsonl"
+    with pytest.raises(ValueError, match=rf"--model-dir: .* holds non-finite weights in 1 tensors \(first: {name} "):
+        generate_seqkd(str(teacher), os.path.join(small_assets, "data", "train.jsonl"), str(out), device="cpu")
+    assert not out.exists()
