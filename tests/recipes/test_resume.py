@@ -221,6 +221,7 @@ def test_overwrite_replaces_the_earlier_run_and_resume_takes_the_new_runs_state(
     recipe, rows = run_recipe(tiny_assets, str(tmp_path), "method=kd", "epochs=1", "save_every_n_steps=1",
                               "seed=3", "overwrite=true")
     ckpt = tmp_path / "checkpoints"
+    assert not (tmp_path / ".previous_run").exists()  # the earlier run, set aside, went after step 1
     assert sorted(d for d in os.listdir(ckpt) if d.startswith("step_")) == ["step_00000002", "step_00000003"]
     assert open(ckpt / "latest").read() == "step_00000003"
     assert [r["step"] for r in rows] == [1, 2, 3]  # the earlier run's metrics went with it
@@ -229,6 +230,35 @@ def test_overwrite_replaces_the_earlier_run_and_resume_takes_the_new_runs_state(
                             "resume_from_checkpoint=true")
     assert resumed.global_step == 3 and resumed.checkpointer.run_id == recipe.checkpointer.run_id
     assert_same_weights(tmp_path, tmp_path / "ref", rtol=0, atol=0)
+
+
+def test_a_run_that_never_started_leaves_no_folder_behind(tiny_assets, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="gives no usable example"):
+        run_recipe(tiny_assets, str(tmp_path / "new"), "method=kd", f"dataset.source={empty}")
+    with pytest.raises(ValueError, match="no checkpoint found"):
+        run_recipe(tiny_assets, str(tmp_path / "nothing_to_resume"), "method=kd", "resume_from_checkpoint=true")
+    with pytest.raises(ValueError, match="holds non-finite weights"):  # fails while loading, after the claim
+        teacher = tmp_path / "teacher"
+        shutil.copytree(os.path.join(tiny_assets, "teacher"), teacher)
+        from safetensors.torch import load_file, save_file
+
+        sd = load_file(teacher / "model.safetensors")
+        next(v for k, v in sd.items() if "attn" in k).view(-1)[0] = float("nan")
+        save_file(sd, teacher / "model.safetensors", metadata={"format": "pt"})
+        run_recipe(tiny_assets, str(tmp_path / "nan"), "method=kd", f"teacher.checkpoint_dir={teacher}")
+    assert sorted(os.listdir(tmp_path)) == ["empty.jsonl", "teacher"]
+
+
+def test_an_earlier_run_left_set_aside_is_refused_until_put_back(tiny_assets, tmp_path):
+    """A run killed between setting the earlier run aside and its first step (nothing else can
+    put it back): the next run refuses to go on, saying where the earlier run is."""
+    (tmp_path / ".previous_run" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"config output_dir: .* holds .previous_run/, an earlier run set aside by an "
+                                         r"overwrite=true run that was killed before its first step"):
+        run_recipe(tiny_assets, str(tmp_path), "method=kd", "overwrite=true")
+    assert sorted(os.listdir(tmp_path)) == [".previous_run"]
 
 
 def test_a_running_run_locks_its_output_dir(tiny_assets, tmp_path):
