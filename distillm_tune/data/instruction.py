@@ -136,6 +136,14 @@ def encode_chat_response(tokenizer, ex: "InstructionExample") -> List[int]:
     return ids + [tokenizer.eos_id] if end is None else ids[: end + 1]
 
 
+def encode_response(tokenizer, ex: "InstructionExample", template: str) -> List[int]:
+    """The training response of ``ex``: its reference, ending in exactly one stop id (EOS for the
+    paper's template; the chat template's end of turn, ``encode_chat_response``)."""
+    if template == "chat":
+        return encode_chat_response(tokenizer, ex)
+    return tokenizer.encode(ex.reference, add_bos=False, add_eos=True)
+
+
 def truncate_prompt(prompt: List[int], max_len: int, bos_id: Optional[int]) -> List[int]:
     """Keep a leading BOS and the last tokens, so the prompt still ends in ``### Response:``."""
     if len(prompt) <= max_len:
@@ -228,10 +236,7 @@ class InstructionDataset(Dataset):
                 return None
             self.stats.add("truncated_prompt")
             prompt = truncate_prompt(prompt, max_prompt_len, tokenizer.bos_id)
-        if self.template == "chat":
-            response = encode_chat_response(tokenizer, ex)
-        else:
-            response = tokenizer.encode(ex.reference, add_bos=False, add_eos=True)
+        response = encode_response(tokenizer, ex, self.template)
         budget = max_seq_len - len(prompt)
         if len(response) > budget:
             if not truncate_response:

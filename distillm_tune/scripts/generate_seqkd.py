@@ -17,7 +17,9 @@ Rules, matching the training data's (``data.instruction``):
 * at most ``--max-seq-len - --max-prompt-len`` new tokens, so prompt + response fits the budget;
 * a response is decoded up to the teacher's first EOS and stripped; an empty one is skipped (a
   dolly row needs a non-empty response), a response that hit the length limit without EOS is kept
-  and counted;
+  and counted; a text whose encoding by the training data (with its EOS) would not fit
+  ``--max-seq-len`` is cut until it does (``cut_to_fit``), so a recipe run with the same lengths
+  drops no row as too long;
 * prompts are batched in file order and one ``torch.Generator`` seeded with ``--seed`` is used for
   the whole run, so the same arguments give the same file.
 
@@ -28,6 +30,7 @@ with ``split=all``). The output is written to a temporary file and renamed into 
 """
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -39,7 +42,8 @@ from torchtune import training, utils
 from tqdm import tqdm
 
 from distillm_tune.data._rows import DataStats
-from distillm_tune.data.instruction import SPLITS, TEMPLATES, encode_prompt, load_dolly_rows, split_rows
+from distillm_tune.data.instruction import (SPLITS, TEMPLATES, encode_prompt, encode_response, load_dolly_rows,
+                                           split_rows)
 from distillm_tune.models.hf import load_hf, load_hf_tokenizer
 from distillm_tune.models.tokenizer import cut_at_stop, stop_ids
 from distillm_tune.sgo.sampler import generate_responses
@@ -107,13 +111,13 @@ def generate_seqkd(model_dir: str, data: str, out: str, batch_size: int = 16,
             # one process, an unsharded model: never wait for other ranks (the training recipe
             # calls this on rank 0 alone for method=distillm2's teacher responses)
             generator=generator, sync_across_ranks=False)
-        for (ex, _), sample in zip(batch, samples):
+        for (ex, prompt_ids), sample in zip(batch, samples):
             response = sample["response"]
             if any(t in stops for t in response):
                 response = cut_at_stop(response, stops)
             else:
                 stats.add("no_eos")
-            text = tokenizer.decode(response).strip()
+            text = _text_that_fits(tokenizer, ex, prompt_ids, response, max_seq_len, template, stats)
             if not text:
                 stats.add("skipped_empty_response")
                 continue
@@ -128,6 +132,23 @@ def generate_seqkd(model_dir: str, data: str, out: str, batch_size: int = 16,
     stats.kept = len(rows)
     log.info("seqkd %s -> %s: %s", data, out, stats.summary())
     return stats
+
+
+def _text_that_fits(tokenizer, ex, prompt: List[int], response: List[int], max_seq_len: int, template: str,
+                    stats: DataStats) -> str:
+    """The response's text, cut so that the training data's own encoding of it (the text encoded
+    again, its stop id appended: ``encode_response``) fits ``max_seq_len`` after the prompt, or the
+    recipe would drop the row as too long. Decoding and encoding again need not give the sampled
+    ids back (a byte token alone decodes to U+FFFD, which encodes to three), so it is measured."""
+    cut = False
+    while True:
+        text = tokenizer.decode(response).strip()
+        over = len(prompt) + len(encode_response(tokenizer, dataclasses.replace(ex, references=[text]), template)) \
+            - max_seq_len
+        if over <= 0 or not text:
+            stats.add("cut_to_fit", int(cut))
+            return text
+        cut, response = True, response[: max(0, len(response) - over)]
 
 
 def main(argv=None) -> None:

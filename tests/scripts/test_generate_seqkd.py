@@ -45,16 +45,33 @@ def test_rows_are_dolly_format_and_equal_direct_sampling(small_assets, tmp_path)
     for start in range(0, len(kept), 4):
         batch = kept[start : start + 4]
         prompts = [tok.encode(ex.prompt, add_bos=True) for ex, _ in batch]
-        for (ex, _), s in zip(batch, generate_responses(
+        for (ex, _), prompt, s in zip(batch, prompts, generate_responses(
                 model, prompts, max_new_tokens=MAX_SEQ_LEN - max_prompt_len - 1, eos_ids=[tok.eos_id],
                 pad_id=tok.pad_id, temperature=1.0, generator=generator)):
             ids = s["response"]
-            text = tok.decode(ids[: ids.index(tok.eos_id)] if tok.eos_id in ids else ids).strip()
+            body = ids[: ids.index(tok.eos_id)] if tok.eos_id in ids else ids
+            text = tok.decode(body).strip()
             empty += not text
             if text:
-                expected.append({"instruction": ex.instruction, "context": ex.input,
-                                 "response": text, "category": ex.category})
-    assert rows == expected
+                expected.append(({"instruction": ex.instruction, "context": ex.input,
+                                  "response": text, "category": ex.category}, body, prompt))
+    # a text the training data would encode longer than the budget (decoding and encoding again
+    # need not give the sampled ids back) is written cut to a prefix of its ids that fits
+
+    def fits(prompt, text):
+        return len(prompt) + len(tok.encode(text, add_bos=False, add_eos=True)) <= MAX_SEQ_LEN
+
+    assert len(rows) == len(expected)
+    cut = 0
+    for row, (want, body, prompt) in zip(rows, expected, strict=True):
+        if fits(prompt, want["response"]):
+            assert row == want
+        else:
+            cut += 1
+            assert {**row, "response": None} == {**want, "response": None}
+            assert fits(prompt, row["response"])
+            assert row["response"] in {tok.decode(body[:k]).strip() for k in range(1, len(body))}
+    assert stats.get("cut_to_fit") == cut
     assert len(rows) == stats.kept == len(kept) - empty
     assert stats.get("skipped_long_prompt") == len(examples) - len(kept)
     assert stats.get("skipped_empty_response") == empty
@@ -113,3 +130,30 @@ def test_a_teacher_with_nonfinite_weights_is_refused_naming_the_tensor(small_ass
     with pytest.raises(ValueError, match=rf"--model-dir: .* holds non-finite weights in 1 tensors \(first: {name} "):
         generate_seqkd(str(teacher), os.path.join(small_assets, "data", "train.jsonl"), str(out), device="cpu")
     assert not out.exists()
+
+
+def test_generated_rows_train_a_seqkd_run_with_the_same_lengths_and_none_is_dropped(tiny_assets, tmp_path):
+    """generate_seqkd, then method=seqkd on configs/tiny_cpu.yaml with the config's lengths: every
+    written row fits the recipe's budget after the training data encodes its text again (with EOS),
+    and the run trains. (Sampled byte tokens that decode to U+FFFD encode to three ids: before the
+    fix about half of the tiny teacher's full-length responses were dropped as too long.)"""
+    import importlib.util
+
+    from omegaconf import OmegaConf
+
+    spec = importlib.util.spec_from_file_location(  # tests/recipes/conftest.py: the recipe runner
+        "recipe_test_helpers", os.path.join(os.path.dirname(__file__), "..", "recipes", "conftest.py"))
+    h = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(h)
+    TINY_CONFIG, run_recipe = h.TINY_CONFIG, h.run_recipe
+
+    cfg = OmegaConf.load(TINY_CONFIG)
+    out = tmp_path / "seqkd.jsonl"
+    stats = generate_seqkd(os.path.join(tiny_assets, "teacher"), os.path.join(tiny_assets, "data", "train.jsonl"),
+                           str(out), max_prompt_len=int(cfg.max_prompt_len), max_seq_len=int(cfg.max_seq_len),
+                           device="cpu")
+    assert stats.kept > 0 and stats.get("no_eos") > 0  # responses ran to the budget: the case that overflowed
+    recipe, rows = run_recipe(tiny_assets, str(tmp_path / "run"), "method=seqkd", f"seqkd_data={out}")
+    assert recipe.train_data.stats.get("dropped_long_response") == 0, recipe.train_data.stats.summary()
+    assert recipe.train_data.stats.kept == stats.kept
+    assert [r["step"] for r in rows] == [1, 2, 3]
