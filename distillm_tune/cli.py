@@ -72,27 +72,23 @@ def _cp(args: argparse.Namespace) -> None:
     print(f"Copied {source} to {dest}")
 
 
-def _recipe_module(recipe: str):
+def _recipe_class(recipe: str):
     if recipe == "kd_offpolicy":
-        from distillm_tune.recipes import kd_offpolicy as module
+        from distillm_tune.recipes.kd_offpolicy import KDOffPolicyRecipe as Recipe
     else:
-        from distillm_tune.recipes import evaluate as module
-    return module
+        from distillm_tune.recipes.evaluate import EvaluateRecipe as Recipe
+    return Recipe
 
 
 def check_config(cfg, recipe: str):
     """The recipe's own checks of a config (nothing is read); returns it with the defaults."""
-    return _recipe_module(recipe).check_config(cfg)
+    return sys.modules[_recipe_class(recipe).__module__].check_config(cfg)
 
 
 def preflight(cfg, recipe: str) -> None:
     """Every check the recipe makes before it loads a model (checkpoint folders, tokenizers, data,
-    the output directory), reading and writing nothing else: passing means the run would start."""
-    module = _recipe_module(recipe)
-    if recipe == "kd_offpolicy":
-        module.KDOffPolicyRecipe(cfg).preflight(dry_run=True)
-    else:
-        module.EvaluateRecipe(cfg).preflight()
+    the output directory), writing nothing: passing means the run would start."""
+    _recipe_class(recipe)(cfg).preflight(dry_run=True)
 
 
 def _validate(args: argparse.Namespace) -> None:

@@ -223,10 +223,11 @@ class EvaluateRecipe:
 
     # ------------------------------------------------------------------ setup
 
-    def preflight(self) -> None:
+    def preflight(self, dry_run: bool = False) -> None:
         """What can be checked without the model (also ``distillm-tune validate``): the tokenizer
         and every dataset read, parsed and encoded (an empty, malformed or unusable file is
-        refused here, not after the model has loaded)."""
+        refused here, not after the model has loaded). It writes nothing, so ``dry_run``, the
+        training recipe's switch, changes nothing here."""
         self.device = utils.get_device(self.cfg.get("device", "cpu"))
         self.dtype = training.get_dtype(self.cfg.get("dtype", "fp32"), self.device)
         self.tokenizer = load_hf_tokenizer(self.tokenizer_dir)

@@ -89,7 +89,7 @@ class OutputDirClaim:
     """
 
     def __init__(self, output_dir: str, resume: bool, overwrite: bool):
-        check_output_dir(output_dir, resume, overwrite)
+        check_output_dir(output_dir, resume, overwrite)  # before the lock creates the folder
         self.output_dir = output_dir
         self.created = not os.path.exists(output_dir)
         self.lock = lock_output_dir(output_dir)
@@ -132,10 +132,11 @@ class OutputDirClaim:
         and remove the directory if this run created it."""
         if self.committed:
             return
-        for name in (*RUN_OUTPUTS, "config.yaml"):  # only the new run's: the earlier one is set aside
-            path = os.path.join(self.output_dir, name)
-            if (self.set_aside_names or self.created) and os.path.lexists(path):
-                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        if self.set_aside_names or self.created:  # what is there is the new run's: the earlier one is aside
+            for name in (*RUN_OUTPUTS, "config.yaml"):
+                path = os.path.join(self.output_dir, name)
+                if os.path.lexists(path):
+                    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
         aside = os.path.join(self.output_dir, PREVIOUS_RUN)
         for name in self.set_aside_names:
             os.rename(os.path.join(aside, name), os.path.join(self.output_dir, name))

@@ -45,7 +45,8 @@ def test_student_equals_teacher_with_blocks_removed(name, tmp_path):
     tokens = torch.randint(0, 97, (2, 9))
     with torch.no_grad():
         want = reference(tokens, use_cache=False).logits
-        assert torch.equal(student(tokens, use_cache=False).logits, want)
+        # the same transformers code on the same weights; compared within fp32 rounding all the same
+        torch.testing.assert_close(student(tokens, use_cache=False).logits, want)
         ours = load_hf(tmp_path / "student").eval()(tokens)
     assert (ours - want).abs().max().item() < 1e-5
     assert (tmp_path / "student" / "tokenizer.json").is_file()

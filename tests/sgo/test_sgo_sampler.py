@@ -243,7 +243,7 @@ def test_positions_count_from_each_rows_first_real_token():
         assert pos0[i].tolist() == [0] * npad + list(range(len(p)))
         # real queries never attend to padding or to the future
         assert not mask0[i, npad:, :npad].any()
-        assert torch.equal(mask0[i, npad:, npad:plen], torch.ones(len(p), len(p)).tril().bool())
+        assert torch.equal(mask0[i, npad:, npad:plen], torch.ones(len(p), len(p)).tril().bool())  # booleans
         for t, (_, pos, mask) in enumerate(steps):
             assert pos[i].tolist() == [len(p) + t]
             assert mask[i, 0].tolist() == [False] * npad + [True] * (len(p) + t + 1) + [False] * (2 - t)
